@@ -1,0 +1,158 @@
+"""All settings in one place, read from environment variables.
+
+Every variable is optional; the defaults give a working gallery on the embedded database.
+`clipgallery config` prints the values in force.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+METRICS = ("cosine", "l2", "ip", "l1")
+
+
+class ConfigError(ValueError):
+    """A setting has a value clipgallery cannot use."""
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return default if value is None or value.strip() == "" else value.strip()
+
+
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = _env(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = _env(name, "1" if default else "0").lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _env_path(name: str, default: Path) -> Path:
+    return Path(_env(name, str(default))).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Database: unset means "start the embedded PostgreSQL + pgvector server under state_dir".
+    database_url: str | None = None
+    state_dir: Path = PROJECT_ROOT / ".state"
+    # "auto" sizes the embedded server from the machine's memory so an HNSW index fits in cache.
+    pg_shared_buffers: str = "auto"
+    pg_maintenance_work_mem: str = "auto"
+
+    # Files
+    upload_dir: Path = PROJECT_ROOT / "uploaded_files"
+    max_upload_bytes: int = 30 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
+    thumbnail_size: int = 384
+
+    # Model: an open_clip architecture plus a pretrained tag or a checkpoint file,
+    # or a model directory (open_clip_config.json + weights) as written by `clipgallery model`.
+    model_name: str = "ViT-B-32"
+    pretrained: str = "laion2b_s34b_b79k"
+    model_preload: bool = True
+    torch_threads: int = 0  # 0: one per core
+    embed_batch_size: int = 32
+
+    # Search
+    index_metric: str = "cosine"
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 40
+    default_k: int = 20
+    max_k: int = 500
+
+    def __post_init__(self) -> None:
+        if self.index_metric not in METRICS:
+            raise ConfigError(
+                f"CLIPGALLERY_INDEX_METRIC must be one of {', '.join(METRICS)}, got {self.index_metric!r}"
+            )
+
+    @property
+    def pgdata_dir(self) -> Path:
+        return self.state_dir / "pgdata"
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return self.database_url is None
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **changes)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(name, value) pairs for display, with the password of a database URL hidden."""
+        rows = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "database_url" and value:
+                value = _hide_password(value)
+            rows.append((f.name, "(embedded)" if f.name == "database_url" and value is None else str(value)))
+        return rows
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparseable URL)"
+
+
+def normalise_database_url(url: str) -> str:
+    """Accept postgres:// and postgresql:// URLs and use the psycopg 3 driver for them."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment (see README "Configuration")."""
+    database_url = os.environ.get("DATABASE_URL") or os.environ.get("CLIPGALLERY_DATABASE_URL")
+    defaults = Settings()
+    return Settings(
+        database_url=normalise_database_url(database_url.strip()) if database_url else None,
+        state_dir=_env_path("CLIPGALLERY_STATE_DIR", defaults.state_dir),
+        pg_shared_buffers=_env("CLIPGALLERY_PG_SHARED_BUFFERS", defaults.pg_shared_buffers),
+        pg_maintenance_work_mem=_env("CLIPGALLERY_PG_MAINTENANCE_WORK_MEM", defaults.pg_maintenance_work_mem),
+        upload_dir=_env_path("CLIPGALLERY_UPLOAD_DIR", defaults.upload_dir),
+        max_upload_bytes=_env_int("CLIPGALLERY_MAX_UPLOAD_BYTES", defaults.max_upload_bytes, 1),
+        max_image_pixels=_env_int("CLIPGALLERY_MAX_IMAGE_PIXELS", defaults.max_image_pixels, 1),
+        thumbnail_size=_env_int("CLIPGALLERY_THUMBNAIL_SIZE", defaults.thumbnail_size, 16),
+        model_name=_env("CLIPGALLERY_MODEL", defaults.model_name),
+        pretrained=_env("CLIPGALLERY_PRETRAINED", defaults.pretrained),
+        model_preload=_env_bool("CLIPGALLERY_MODEL_PRELOAD", defaults.model_preload),
+        torch_threads=_env_int("CLIPGALLERY_TORCH_THREADS", defaults.torch_threads, 0),
+        embed_batch_size=_env_int("CLIPGALLERY_EMBED_BATCH_SIZE", defaults.embed_batch_size, 1),
+        index_metric=_env("CLIPGALLERY_INDEX_METRIC", defaults.index_metric).lower(),
+        hnsw_m=_env_int("CLIPGALLERY_HNSW_M", defaults.hnsw_m, 2),
+        hnsw_ef_construction=_env_int("CLIPGALLERY_HNSW_EF_CONSTRUCTION", defaults.hnsw_ef_construction, 4),
+        hnsw_ef_search=_env_int("CLIPGALLERY_HNSW_EF_SEARCH", defaults.hnsw_ef_search, 1),
+        default_k=_env_int("CLIPGALLERY_DEFAULT_K", defaults.default_k, 1),
+        max_k=_env_int("CLIPGALLERY_MAX_K", defaults.max_k, 1),
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once. Tests build their own `Settings` instead."""
+    return load_settings()
