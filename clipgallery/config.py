@@ -121,7 +121,7 @@ def normalise_database_url(url: str) -> str:
     """Accept postgres:// and postgresql:// URLs and use the psycopg 3 driver for them."""
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 

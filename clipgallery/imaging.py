@@ -1,0 +1,154 @@
+"""Pillow work: decide what a file is from its bytes, refuse what is unsafe, and derive the
+RGB pixels for the model, the thumbnail and the served original (oriented, GPS removed)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+EXIF_ORIENTATION = 0x0112
+EXIF_GPS_IFD = 0x8825
+
+# We check the pixel count ourselves, with our own limit and message, before decoding.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class RejectedImage(ValueError):
+    """The bytes are not an image clipgallery will store; str(exc) is the reason, for people."""
+
+
+@dataclass
+class DecodedImage:
+    sha256: str
+    byte_size: int
+    mime_type: str
+    width: int
+    height: int
+    rgb: Image.Image  # oriented, RGB: what the model sees
+    served_bytes: bytes  # the original as served: EXIF orientation applied and GPS removed where needed
+    served_is_original: bool
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MB"
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
+    """Validate bytes as an allowed image and decode them; raises RejectedImage with the reason."""
+    if not data:
+        raise RejectedImage("The file is empty.")
+    if len(data) > max_bytes:
+        raise RejectedImage(f"The file is {_megabytes(len(data))}; the limit is {_megabytes(max_bytes)}.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    except UnidentifiedImageError:
+        raise RejectedImage("Not a supported image: clipgallery accepts JPEG, PNG, WebP and GIF files.") from None
+    except Exception as exc:
+        raise RejectedImage(f"The image could not be read: {exc}") from None
+
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise RejectedImage("The image has no pixels.")
+    if width * height > max_pixels:
+        raise RejectedImage(
+            f"The image is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels); "
+            f"the limit is {max_pixels / 1e6:.0f} megapixels."
+        )
+    mime_type = ALLOWED_FORMATS[image.format]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.load()  # first frame only for animations
+            oriented = ImageOps.exif_transpose(image)
+            rgb = to_rgb(oriented)
+    except RejectedImage:
+        raise
+    except Exception as exc:
+        raise RejectedImage(f"The image data is damaged or incomplete ({exc}).") from None
+
+    served_bytes, served_is_original = _served_original(data, image, oriented)
+    return DecodedImage(
+        sha256=hashlib.sha256(data).hexdigest(),
+        byte_size=len(served_bytes),
+        mime_type=mime_type,
+        width=oriented.width,
+        height=oriented.height,
+        rgb=rgb,
+        served_bytes=served_bytes,
+        served_is_original=served_is_original,
+    )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB for any mode Pillow decodes (palette, alpha, CMYK, 16-bit, float, 1-bit)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            scaled = array / 257.0
+        else:
+            low, high = float(array.min()), float(array.max())
+            scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _has_location(image: Image.Image) -> bool:
+    exif = image.getexif()
+    if EXIF_GPS_IFD in exif:
+        return True
+    xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp") or b""
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8", "replace")
+    return b"GPS" in xmp
+
+
+def _served_original(data: bytes, image: Image.Image, oriented: Image.Image) -> tuple[bytes, bool]:
+    """The original bytes, unless they carry a location or an EXIF rotation: then a re-encoded
+    copy, upright and without GPS (other EXIF kept)."""
+    if image.format == "GIF":
+        return data, True
+    exif = image.getexif()
+    rotated = exif.get(EXIF_ORIENTATION, 1) not in (0, 1)
+    if not rotated and not _has_location(image):
+        return data, True
+    clean = oriented.getexif()
+    clean.pop(EXIF_GPS_IFD, None)
+    clean.pop(EXIF_ORIENTATION, None)
+    options: dict = {"exif": clean.tobytes()}
+    if image.info.get("icc_profile"):
+        options["icc_profile"] = image.info["icc_profile"]
+    out = io.BytesIO()
+    if image.format == "JPEG":
+        oriented.save(out, "JPEG", quality=95, **options)
+    elif image.format == "WEBP":
+        oriented.save(out, "WEBP", quality=95, **options)
+    else:
+        oriented.save(out, "PNG", **options)
+    return out.getvalue(), False
+
+
+def make_thumbnail(rgb: Image.Image, size: int) -> bytes:
+    """A WebP no larger than size x size, without metadata."""
+    thumb = rgb.copy()
+    thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    thumb.save(out, "WEBP", quality=82, method=4)
+    return out.getvalue()

@@ -1,0 +1,299 @@
+"""Adding images: validate -> store files -> embed -> one transaction for row and vector.
+
+One code path serves admin uploads, the API and bulk indexing (clipgallery.bulk). Nothing is
+stored before the bytes pass validation; a failed database write removes the files it wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from clipgallery import storage as files
+from clipgallery.embedding import Embedder
+from clipgallery.gallery import gallery_model_id
+from clipgallery.imaging import DecodedImage, RejectedImage, decode_image, make_thumbnail
+from clipgallery.models import Image, ImageEmbedding
+from clipgallery.storage import Storage
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+MAX_NAME = 500
+MAX_DESCRIPTION = 10_000
+
+
+@dataclass
+class IngestOutcome:
+    status: str  # "added" | "duplicate" | "rejected"
+    filename: str
+    image_id: int | None = None
+    name: str = ""
+    reason: str = ""
+
+
+@dataclass
+class PreparedImage:
+    """A validated image with everything derived from it, ready for the model and the database."""
+
+    filename: str
+    name: str
+    description: str
+    decoded: DecodedImage
+    thumbnail: bytes
+    pixels: torch.Tensor | None = None  # the model's input, when prepared ahead of the model
+    extra: dict = field(default_factory=dict)  # caller's bookkeeping (e.g. the source path)
+
+
+def clean_filename(filename: str | bytes | None) -> str:
+    """A display-safe base name: no directories, control characters or NULs, at most 255 chars."""
+    if isinstance(filename, bytes):
+        filename = filename.decode("utf-8", "replace")
+    filename = filename or ""
+    base = PureWindowsPath(PurePosixPath(filename).name).name
+    base = "".join(ch for ch in unicodedata.normalize("NFC", base) if unicodedata.category(ch)[0] != "C")
+    base = base.strip().strip(".")
+    return base[:255] or "image"
+
+
+def default_name(filename: str) -> str:
+    stem = clean_filename(filename).rsplit(".", 1)[0]
+    return re.sub(r"[_\s]+", " ", stem).strip() or "Untitled"
+
+
+def prepare_image(
+    data: bytes,
+    filename: str | bytes | None,
+    settings,
+    name: str | None = None,
+    description: str | None = None,
+    embedder: Embedder | None = None,
+) -> PreparedImage:
+    """Validate and decode; raises RejectedImage. With `embedder`, also the model's input tensor
+    (so threads can do this while the model works on the previous batch)."""
+    safe_filename = clean_filename(filename)
+    decoded = decode_image(data, settings.max_upload_bytes, settings.max_image_pixels)
+    prepared = PreparedImage(
+        filename=safe_filename,
+        name=((name or "").strip() or default_name(safe_filename))[:MAX_NAME],
+        description=(description or "").strip()[:MAX_DESCRIPTION],
+        decoded=decoded,
+        thumbnail=make_thumbnail(decoded.rgb, settings.thumbnail_size),
+    )
+    if embedder is not None:
+        prepared.pixels = embedder.preprocess(decoded.rgb)
+    return prepared
+
+
+def store_prepared(
+    session: Session,
+    embedder: Embedder,
+    storage: Storage,
+    batch: list[PreparedImage],
+    uploaded_by: int | None = None,
+    before_commit: Callable[[Session, list[IngestOutcome], list[PreparedImage]], None] | None = None,
+) -> list[IngestOutcome]:
+    """Embed and store a batch in one transaction; duplicates (by content) return the existing row.
+
+    `before_commit` may add rows of its own to the same transaction (bulk indexing records the
+    source files there). On any failure the transaction is rolled back and files written by this
+    call are removed.
+    """
+    import torch
+
+    model_id = gallery_model_id(session, embedder)
+    for attempt in range(2):
+        existing = dict(
+            session.execute(
+                select(Image.sha256, Image.id).where(Image.sha256.in_([p.decoded.sha256 for p in batch]))
+            ).all()
+        )
+        outcomes: list[IngestOutcome] = []
+        new: list[PreparedImage] = []
+        new_index: dict[str, int] = {}
+        for prepared in batch:
+            sha = prepared.decoded.sha256
+            if sha in existing or sha in new_index:
+                outcomes.append(IngestOutcome("duplicate", prepared.filename, existing.get(sha), prepared.name))
+            else:
+                new_index[sha] = len(outcomes)
+                outcomes.append(IngestOutcome("added", prepared.filename, None, prepared.name))
+                new.append(prepared)
+
+        vectors = None
+        if new:
+            if all(p.pixels is not None for p in new):
+                vectors = embedder.encode_preprocessed(torch.stack([p.pixels for p in new]))
+            else:
+                vectors = embedder.encode_images([p.decoded.rgb for p in new])
+
+        written: list[str] = []
+        try:
+            rows = []
+            for prepared in new:
+                decoded = prepared.decoded
+                stored = files.original_relpath(decoded.sha256, decoded.mime_type)
+                thumb = files.thumbnail_relpath(decoded.sha256)
+                if storage.write(stored, decoded.served_bytes):
+                    written.append(stored)
+                if storage.write(thumb, prepared.thumbnail):
+                    written.append(thumb)
+                image = Image(
+                    sha256=decoded.sha256,
+                    original_filename=prepared.filename,
+                    stored_path=stored,
+                    thumbnail_path=thumb,
+                    name=prepared.name,
+                    description=prepared.description,
+                    mime_type=decoded.mime_type,
+                    width=decoded.width,
+                    height=decoded.height,
+                    byte_size=decoded.byte_size,
+                    uploaded_by=uploaded_by,
+                )
+                session.add(image)
+                rows.append(image)
+            session.flush()
+            for image, vector in zip(rows, vectors if vectors is not None else [], strict=True):
+                session.add(ImageEmbedding(image_id=image.id, model_id=model_id, embedding=vector))
+                outcomes[new_index[image.sha256]].image_id = image.id
+            # Duplicates inside the batch point at the row added for their first copy.
+            for outcome, prepared in zip(outcomes, batch, strict=True):
+                if outcome.status == "duplicate" and outcome.image_id is None:
+                    outcome.image_id = outcomes[new_index[prepared.decoded.sha256]].image_id
+            if before_commit is not None:
+                before_commit(session, outcomes, batch)
+            session.commit()
+            return outcomes
+        except IntegrityError:
+            # Another process added the same content meanwhile: forget our copies, retry once
+            # (the retry sees those images as duplicates).
+            session.rollback()
+            _remove_unreferenced(session, storage, written)
+            if attempt == 1:
+                raise
+        except BaseException:
+            session.rollback()
+            _remove_unreferenced(session, storage, written)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _remove_unreferenced(session: Session, storage: Storage, written: list[str]) -> None:
+    if not written:
+        return
+    try:
+        from clipgallery.gallery import known_file_paths
+
+        referenced = known_file_paths(session)
+    except Exception:
+        session.rollback()
+        referenced = set()
+    storage.delete(p for p in written if p not in referenced)
+
+
+def ingest_image(
+    session: Session,
+    embedder: Embedder,
+    storage: Storage,
+    data: bytes,
+    filename: str | bytes | None,
+    name: str | None = None,
+    description: str | None = None,
+    uploaded_by: int | None = None,
+) -> IngestOutcome:
+    """Add one image (admin upload, API). Bad input gives a "rejected" outcome with the reason."""
+    try:
+        prepared = prepare_image(data, filename, embedder.settings, name, description)
+    except RejectedImage as exc:
+        return IngestOutcome("rejected", clean_filename(filename), reason=str(exc))
+    return store_prepared(session, embedder, storage, [prepared], uploaded_by=uploaded_by)[0]
+
+
+def reembed_images(
+    session: Session,
+    embedder: Embedder,
+    storage: Storage,
+    image_ids: list[int] | None = None,
+    progress: bool = True,
+) -> int:
+    """Compute vectors with the configured model: for `image_ids`, or for every image whose
+    vector is missing or came from another model. A dimension change rebuilds the column and its
+    index first. Commits per batch, so an interrupted run resumes. Returns the number embedded."""
+    from sqlalchemy import text
+    from tqdm import tqdm
+
+    from clipgallery.gallery import register_model, vector_column_dimension
+    from clipgallery.models import HNSW_INDEX_NAME, hnsw_index_statements
+
+    settings = embedder.settings
+    identity = embedder.identity
+    if vector_column_dimension(session) != identity.dimension:
+        log.warning("changing the vector column to %d dimensions; all stored vectors are dropped", identity.dimension)
+        session.execute(text(f"DROP INDEX IF EXISTS {HNSW_INDEX_NAME}"))
+        session.execute(text("DELETE FROM image_embeddings"))
+        session.execute(text(f"ALTER TABLE image_embeddings ALTER COLUMN embedding TYPE vector({identity.dimension})"))
+        storage_mode = "PLAIN" if identity.dimension <= 1900 else "EXTENDED"
+        session.execute(text(f"ALTER TABLE image_embeddings ALTER COLUMN embedding SET STORAGE {storage_mode}"))
+        for statement in hnsw_index_statements(settings):
+            session.execute(text(statement))
+        session.commit()
+    model_id = register_model(session, identity)
+    if image_ids is None:
+        todo = (
+            session.execute(
+                text(
+                    "SELECT i.id FROM images i LEFT JOIN image_embeddings e ON e.image_id = i.id "
+                    "WHERE e.image_id IS NULL OR e.model_id <> :model_id ORDER BY i.id"
+                ),
+                {"model_id": model_id},
+            )
+            .scalars()
+            .all()
+        )
+    else:
+        from clipgallery.gallery import gallery_model_id
+
+        gallery_model_id(session, embedder)
+        todo = sorted(set(image_ids))
+    done = 0
+    bar = tqdm(total=len(todo), unit="img", desc="re-embedding", disable=not progress or not todo)
+    for start in range(0, len(todo), settings.embed_batch_size):
+        ids = todo[start : start + settings.embed_batch_size]
+        rows = session.execute(select(Image.id, Image.stored_path).where(Image.id.in_(ids))).all()
+        pictures, kept = [], []
+        for image_id, stored_path in rows:
+            try:
+                decoded = decode_image(storage.path(stored_path).read_bytes(), 1 << 62, 1 << 62)
+            except (OSError, RejectedImage) as exc:
+                log.warning("cannot re-embed image %s (%s): %s", image_id, stored_path, exc)
+                continue
+            pictures.append(decoded.rgb)
+            kept.append(image_id)
+        if kept:
+            vectors = embedder.encode_images(pictures)
+            for image_id, vector in zip(kept, vectors, strict=True):
+                session.execute(
+                    text(
+                        "INSERT INTO image_embeddings (image_id, model_id, embedding) VALUES (:id, :model, :vector) "
+                        "ON CONFLICT (image_id) DO UPDATE SET model_id = EXCLUDED.model_id, "
+                        "embedding = EXCLUDED.embedding, created_at = now()"
+                    ),
+                    {"id": image_id, "model": model_id, "vector": vector},
+                )
+            session.commit()
+            done += len(kept)
+        bar.update(len(ids))
+    bar.close()
+    return done

@@ -1,0 +1,163 @@
+"""SQLModel tables. Alembic owns the schema (alembic/versions); these classes describe it.
+
+Every table and column carries a comment: `\\d+ images` in psql explains the schema.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func
+from sqlmodel import Field, SQLModel
+
+HNSW_OPCLASS = {"cosine": "vector_cosine_ops", "l2": "vector_l2_ops", "ip": "vector_ip_ops", "l1": "vector_l1_ops"}
+METRIC_OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>", "l1": "<+>"}
+HNSW_INDEX_NAME = "image_embeddings_embedding_hnsw"
+
+
+def hnsw_index_statements(settings) -> list[str]:
+    """SQL that creates the HNSW index for the configured metric (used by migrations and re-embed)."""
+    metric = settings.index_metric
+    return [
+        f"CREATE INDEX {HNSW_INDEX_NAME} ON image_embeddings USING hnsw (embedding {HNSW_OPCLASS[metric]}) "
+        f"WITH (m = {int(settings.hnsw_m)}, ef_construction = {int(settings.hnsw_ef_construction)})",
+        f"COMMENT ON INDEX {HNSW_INDEX_NAME} IS 'Approximate nearest-neighbour index ({metric}): serves "
+        f"ORDER BY embedding {METRIC_OPERATORS[metric]} query LIMIT k'",
+    ]
+
+
+def _now_column(comment: str, onupdate: bool = False) -> Column:
+    return Column(
+        DateTime(timezone=True),
+        nullable=False,
+        server_default=func.now(),
+        onupdate=func.now() if onupdate else None,
+        comment=comment,
+    )
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+    __table_args__ = {"comment": "People who can log in. Passwords are stored as Argon2id hashes only."}
+
+    id: int | None = Field(default=None, primary_key=True, sa_column_kwargs={"comment": "User id"})
+    username: str = Field(sa_column=Column(String(64), unique=True, nullable=False, comment="Login name, unique"))
+    password_hash: str = Field(sa_column=Column(Text, nullable=False, comment="Argon2id hash (PHC string)"))
+    is_admin: bool = Field(default=False, sa_column_kwargs={"comment": "May upload, edit and delete images"})
+    created_at: datetime | None = Field(default=None, sa_column=_now_column("When the user was created"))
+
+
+class EmbeddingModel(SQLModel, table=True):
+    __tablename__ = "embedding_models"
+    __table_args__ = (
+        UniqueConstraint("architecture", "weights", name="uq_embedding_models_identity"),
+        {"comment": "CLIP models that produced stored vectors. Vectors of different models are never compared."},
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_column_kwargs={"comment": "Model id"})
+    architecture: str = Field(sa_column=Column(Text, nullable=False, comment="open_clip architecture, e.g. ViT-B-32"))
+    weights: str = Field(
+        sa_column=Column(
+            Text,
+            nullable=False,
+            comment="Pretrained tag (e.g. laion2b_s34b_b79k) or sha256:<hex> of a local checkpoint",
+        )
+    )
+    dimension: int = Field(sa_column=Column(Integer, nullable=False, comment="Length of the vectors"))
+    created_at: datetime | None = Field(default=None, sa_column=_now_column("First use of this model"))
+
+
+class Image(SQLModel, table=True):
+    __tablename__ = "images"
+    __table_args__ = {"comment": "One row per distinct image file (by content). Files live under uploaded_files/."}
+
+    id: int | None = Field(default=None, primary_key=True, sa_column_kwargs={"comment": "Image id"})
+    sha256: str = Field(
+        sa_column=Column(
+            String(64), unique=True, nullable=False, comment="SHA-256 of the uploaded bytes (hex); duplicates share it"
+        )
+    )
+    original_filename: str = Field(
+        sa_column=Column(Text, nullable=False, comment="File name as given by the uploader or on disk (display only)")
+    )
+    stored_path: str = Field(
+        sa_column=Column(Text, nullable=False, comment="Served original, relative to uploaded_files/")
+    )
+    thumbnail_path: str = Field(
+        sa_column=Column(Text, nullable=False, comment="Grid thumbnail (WebP), relative to uploaded_files/")
+    )
+    name: str = Field(sa_column=Column(Text, nullable=False, comment="Display name"))
+    description: str = Field(default="", sa_column=Column(Text, nullable=False, server_default="", comment="Free text"))
+    mime_type: str = Field(
+        sa_column=Column(String(32), nullable=False, comment="image/jpeg, image/png, image/webp or image/gif")
+    )
+    width: int = Field(sa_column=Column(Integer, nullable=False, comment="Pixels, after EXIF orientation"))
+    height: int = Field(sa_column=Column(Integer, nullable=False, comment="Pixels, after EXIF orientation"))
+    byte_size: int = Field(sa_column=Column(BigInteger, nullable=False, comment="Size of the served original in bytes"))
+    uploaded_by: int | None = Field(
+        default=None,
+        sa_column=Column(
+            Integer,
+            ForeignKey("users.id", ondelete="SET NULL"),
+            nullable=True,
+            comment="users.id of the uploader; NULL for bulk-indexed files",
+        ),
+    )
+    created_at: datetime | None = Field(default=None, sa_column=_now_column("When the image was added"))
+    updated_at: datetime | None = Field(default=None, sa_column=_now_column("Last change of the row", onupdate=True))
+
+
+class ImageEmbedding(SQLModel, table=True):
+    __tablename__ = "image_embeddings"
+    __table_args__ = {
+        "comment": "CLIP vector of each image (1:1 with images), L2-normalised, with the model that made it."
+    }
+
+    image_id: int = Field(
+        sa_column=Column(
+            Integer,
+            ForeignKey("images.id", ondelete="CASCADE"),
+            primary_key=True,
+            comment="images.id",
+        )
+    )
+    model_id: int = Field(
+        sa_column=Column(
+            Integer,
+            ForeignKey("embedding_models.id"),
+            nullable=False,
+            index=True,
+            comment="embedding_models.id of the model that made the vector",
+        )
+    )
+    # The dimension is fixed by the migration from the configured model (see alembic/versions).
+    embedding: list[float] = Field(
+        sa_column=Column(
+            Vector(),
+            nullable=False,
+            comment="L2-normalised CLIP image vector; cosine distance: embedding <=> query",
+        )
+    )
+    created_at: datetime | None = Field(default=None, sa_column=_now_column("When the vector was computed"))
+
+
+class IndexedFile(SQLModel, table=True):
+    __tablename__ = "indexed_files"
+    __table_args__ = (
+        Index("ix_indexed_files_image_id", "image_id"),
+        {"comment": "Files found by `clipgallery index`, so re-runs skip unchanged files and find vanished ones."},
+    )
+
+    path: str = Field(sa_column=Column(Text, primary_key=True, comment="Absolute path of the file when indexed"))
+    size: int = Field(sa_column=Column(BigInteger, nullable=False, comment="File size in bytes when indexed"))
+    mtime_ns: int = Field(sa_column=Column(BigInteger, nullable=False, comment="Modification time (ns) when indexed"))
+    image_id: int = Field(
+        sa_column=Column(
+            Integer,
+            ForeignKey("images.id", ondelete="CASCADE"),
+            nullable=False,
+            comment="The image this file holds",
+        )
+    )
+    indexed_at: datetime | None = Field(default=None, sa_column=_now_column("Last time the file was checked", True))

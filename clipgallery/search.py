@@ -1,0 +1,206 @@
+"""Similarity search: one SQL statement per query, bound parameters, ordered by distance then id.
+
+Distances are pgvector's: cosine `<=>` (0..2), L2 `<->`, negative inner product `<#>`, L1 `<+>`.
+Similarity is the cosine similarity the distance implies for unit vectors (all stored vectors
+are L2-normalised): cosine 1 - d, L2 1 - d^2/2, inner product -d. On unit vectors cosine, L2 and
+inner product therefore rank identically; L1 does not, and has no similarity (None).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import text
+from sqlmodel import Session
+
+from clipgallery.config import METRICS, Settings
+from clipgallery.embedding import Embedder
+from clipgallery.gallery import NotFoundError, file_url, gallery_model_id, vector_to_numpy
+from clipgallery.imaging import decode_image
+from clipgallery.models import METRIC_OPERATORS
+
+MAX_OFFSET = 10_000
+# pgvector's upper bound for hnsw.ef_search.
+MAX_EF_SEARCH = 1000
+
+
+class InvalidQuery(ValueError):
+    """A search parameter is out of range; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: int
+    name: str
+    description: str
+    distance: float
+    similarity: float | None
+    thumbnail_url: str
+    original_url: str
+    width: int
+    height: int
+    mime_type: str
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    hits: list[SearchHit]
+    metric: str
+    k: int
+    offset: int
+    has_more: bool
+    exact: bool  # True: sequential scan (exact); False: HNSW index (approximate)
+
+
+def similarity_from_distance(metric: str, distance: float) -> float | None:
+    if metric == "cosine":
+        return 1.0 - distance
+    if metric == "l2":
+        return 1.0 - distance * distance / 2.0
+    if metric == "ip":
+        return -distance
+    return None
+
+
+def distance_bound(metric: str, min_similarity: float) -> float:
+    """The largest distance whose similarity is still >= min_similarity."""
+    if metric == "cosine":
+        return 1.0 - min_similarity
+    if metric == "l2":
+        return math.sqrt(max(0.0, 2.0 - 2.0 * min_similarity))
+    if metric == "ip":
+        return -min_similarity
+    raise InvalidQuery("A minimum similarity is not defined for the L1 metric; use cosine, l2 or ip.")
+
+
+def _validate(settings: Settings, k: int, offset: int, metric: str, min_similarity: float | None) -> None:
+    if metric not in METRICS:
+        raise InvalidQuery(f"Unknown metric {metric!r}: use one of {', '.join(METRICS)}.")
+    if not 1 <= k <= settings.max_k:
+        raise InvalidQuery(f"k must be between 1 and {settings.max_k}, got {k}.")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise InvalidQuery(f"offset must be between 0 and {MAX_OFFSET}, got {offset}.")
+    if min_similarity is not None and not -1.0 <= min_similarity <= 1.0:
+        raise InvalidQuery(f"min_similarity must be between -1 and 1, got {min_similarity}.")
+    if min_similarity is not None and metric == "l1":
+        distance_bound(metric, min_similarity)
+
+
+def search_sql(metric: str, uses_index: bool, with_threshold: bool, with_exclude: bool) -> str:
+    """The one statement behind every search (exposed so tests and docs can EXPLAIN it)."""
+    operator = METRIC_OPERATORS[metric]
+    # `+ 0` makes the ordering expression one no index can serve: an exact, sequential scan.
+    distance_sql = f"(e.embedding {operator} :query)" + ("" if uses_index else " + 0")
+    conditions = ["e.model_id = :model_id"]
+    if with_exclude:
+        conditions.append("e.image_id <> :exclude")
+    if with_threshold:
+        conditions.append(f"{distance_sql} <= :max_distance")
+    return (
+        "SELECT i.id, i.name, i.description, i.thumbnail_path, i.stored_path, i.width, i.height, i.mime_type, "
+        f"{distance_sql} AS distance "
+        "FROM image_embeddings e JOIN images i ON i.id = e.image_id "
+        f"WHERE {' AND '.join(conditions)} "
+        "ORDER BY distance, i.id LIMIT :limit OFFSET :offset"
+    )
+
+
+def search_vector(
+    session: Session,
+    settings: Settings,
+    model_id: int,
+    vector: np.ndarray,
+    k: int = 20,
+    offset: int = 0,
+    min_similarity: float | None = None,
+    metric: str | None = None,
+    exact: bool = False,
+    exclude_image_id: int | None = None,
+) -> SearchPage:
+    """Nearest stored images to `vector` (made by model `model_id`)."""
+    metric = metric or settings.index_metric
+    _validate(settings, k, offset, metric, min_similarity)
+    uses_index = metric == settings.index_metric and not exact
+    sql = search_sql(metric, uses_index, min_similarity is not None, exclude_image_id is not None)
+    params: dict = {
+        "query": np.asarray(vector, dtype=np.float32),
+        "model_id": model_id,
+        "limit": k + 1,
+        "offset": offset,
+    }
+    if exclude_image_id is not None:
+        params["exclude"] = exclude_image_id
+    if min_similarity is not None:
+        params["max_distance"] = distance_bound(metric, min_similarity)
+    if uses_index:
+        ef_search = min(MAX_EF_SEARCH, max(settings.hnsw_ef_search, offset + k + 1))
+        session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"), {"ef": str(ef_search)})
+        if _has_iterative_scan(session):
+            # Filters (model, threshold, excluded image) can drop candidates; keep scanning the
+            # graph until the page is full rather than return a short page.
+            session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true)"))
+    rows = session.execute(text(sql), params).all()
+    hits = [
+        SearchHit(
+            id=row.id,
+            name=row.name,
+            description=row.description,
+            distance=float(row.distance),
+            similarity=similarity_from_distance(metric, float(row.distance)),
+            thumbnail_url=file_url(row.thumbnail_path),
+            original_url=file_url(row.stored_path),
+            width=row.width,
+            height=row.height,
+            mime_type=row.mime_type,
+        )
+        for row in rows[:k]
+    ]
+    return SearchPage(hits=hits, metric=metric, k=k, offset=offset, has_more=len(rows) > k, exact=not uses_index)
+
+
+_iterative_scan_support: dict[str, bool] = {}
+
+
+def _has_iterative_scan(session: Session) -> bool:
+    url = str(session.get_bind().url)
+    if url not in _iterative_scan_support:
+        version = session.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar() or "0"
+        major_minor = tuple(int(p) for p in version.split(".")[:2])
+        _iterative_scan_support[url] = major_minor >= (0, 8)
+    return _iterative_scan_support[url]
+
+
+def search_text(session: Session, embedder: Embedder, query: str, **options) -> SearchPage:
+    """Images matching a text query."""
+    query = query.strip()
+    if not query:
+        raise InvalidQuery("The query is empty.")
+    if len(query) > 1000:
+        raise InvalidQuery("The query is longer than 1,000 characters.")
+    model_id = gallery_model_id(session, embedder)
+    return search_vector(session, embedder.settings, model_id, embedder.encode_text(query), **options)
+
+
+def search_image_bytes(session: Session, embedder: Embedder, data: bytes, **options) -> SearchPage:
+    """Images similar to an image given as bytes (validated like an upload; nothing is stored)."""
+    settings = embedder.settings
+    decoded = decode_image(data, settings.max_upload_bytes, settings.max_image_pixels)
+    model_id = gallery_model_id(session, embedder)
+    vector = embedder.encode_images([decoded.rgb])[0]
+    return search_vector(session, settings, model_id, vector, **options)
+
+
+def search_similar(session: Session, embedder: Embedder, image_id: int, **options) -> SearchPage:
+    """ "More like this": neighbours of a stored image's own vector, the image itself left out."""
+    model_id = gallery_model_id(session, embedder)
+    vector = session.execute(
+        text("SELECT embedding FROM image_embeddings WHERE image_id = :id AND model_id = :model_id"),
+        {"id": image_id, "model_id": model_id},
+    ).scalar()
+    if vector is None:
+        raise NotFoundError(f"No image with id {image_id} has a vector of the configured model.")
+    return search_vector(
+        session, embedder.settings, model_id, vector_to_numpy(vector), exclude_image_id=image_id, **options
+    )

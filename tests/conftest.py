@@ -1,0 +1,138 @@
+"""Shared fixtures: one real embedded PostgreSQL + pgvector server per test session, a fresh
+migrated database per test (copied from a template), and a small open_clip model with random
+weights saved as a model directory, so the real loading and embedding code runs."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from clipgallery import db
+from clipgallery.config import Settings
+from clipgallery.embedding import Embedder, create_random_model_dir
+from clipgallery.storage import Storage
+
+TINY_MODEL_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+SHARED = Path(os.environ.get("CLIPGALLERY_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return create_random_model_dir(tmp_path_factory.mktemp("models") / "tiny", "tiny-vit", TINY_MODEL_CFG, seed=1)
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory) -> Path:
+    """Same architecture, other weights: a different model identity with the same dimension."""
+    return create_random_model_dir(tmp_path_factory.mktemp("models") / "other", "tiny-vit", TINY_MODEL_CFG, seed=2)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    state = tmp_path_factory.mktemp("state")
+    settings = Settings(state_dir=state, pg_shared_buffers="256MB", pg_maintenance_work_mem="256MB")
+    server = db.start_embedded_server(settings)
+    yield server
+    db.dispose_engines()
+    server.cleanup()
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server, tiny_model_dir, tmp_path_factory) -> str:
+    """A database migrated to head once; every test gets a copy of it."""
+    pg_server.psql('CREATE DATABASE "gallery_template";')
+    url = pg_server.get_uri("gallery_template").replace("postgresql://", "postgresql+psycopg://", 1)
+    settings = Settings(database_url=url, model_name=str(tiny_model_dir))
+    db.migrate(settings)
+    db.dispose_engines()
+    return "gallery_template"
+
+
+def fresh_database(pg_server, template: str | None) -> str:
+    name = f"gallery_test_{os.getpid()}_{next(_counter)}"
+    pg_server.psql(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}";' if template else ";"))
+    return pg_server.get_uri(name).replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+@pytest.fixture
+def settings(pg_server, template_database, tiny_model_dir, tmp_path) -> Settings:
+    return Settings(
+        database_url=fresh_database(pg_server, template_database),
+        state_dir=tmp_path / "state",
+        upload_dir=tmp_path / "uploads",
+        model_name=str(tiny_model_dir),
+        embed_batch_size=8,
+        max_upload_bytes=2 * 1024 * 1024,
+        max_image_pixels=4_000_000,
+        thumbnail_size=64,
+    )
+
+
+@pytest.fixture
+def empty_settings(pg_server, tiny_model_dir, tmp_path) -> Settings:
+    """Settings on a brand-new database without any schema."""
+    return Settings(
+        database_url=fresh_database(pg_server, None),
+        state_dir=tmp_path / "state",
+        upload_dir=tmp_path / "uploads",
+        model_name=str(tiny_model_dir),
+    )
+
+
+@pytest.fixture
+def embedder(settings) -> Embedder:
+    embedder = Embedder(settings)
+    embedder.load()
+    return embedder
+
+
+@pytest.fixture
+def storage(settings) -> Storage:
+    return Storage(settings.upload_dir)
+
+
+@pytest.fixture
+def session(settings):
+    with db.session_scope(settings) as session:
+        yield session
+
+
+def picture(seed: int, size: tuple[int, int] = (96, 72), mode: str = "RGB") -> Image.Image:
+    """A distinct synthetic picture: a colour field with shapes placed by the seed."""
+    rng = np.random.default_rng(seed)
+    base = tuple(int(v) for v in rng.integers(0, 256, 3))
+    image = Image.new("RGB", size, base)
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, size[0] - 8)), int(rng.integers(0, size[1] - 8))
+        x1, y1 = x0 + int(rng.integers(6, size[0] // 2)), y0 + int(rng.integers(6, size[1] // 2))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    return image.convert(mode) if mode != "RGB" else image
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def jpeg(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
+    return encode(picture(seed, size), "JPEG", quality=90)
+
+
+def files_on_disk(storage: Storage) -> set[str]:
+    return {str(p.relative_to(storage.root)) for p in storage.iter_files()}

@@ -1,0 +1,157 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import text
+
+from clipgallery.bulk import IndexingError, MetadataMapping, index_folder
+from clipgallery.gallery import known_file_paths
+from tests.conftest import files_on_disk, jpeg
+
+
+def _make_folder(root, count, start=0):
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    for n in range(start, start + count):
+        target = root / "sub" if n % 3 == 0 else root
+        (target / f"photo_{n:03d}.jpg").write_bytes(jpeg(500 + n))
+
+
+def _count(session, table):
+    return session.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+
+
+def test_index_then_rerun_skips_everything(tmp_path, session, embedder, storage):
+    _make_folder(tmp_path / "pics", 12)
+    (tmp_path / "pics" / "notes.txt").write_text("not an image")
+    (tmp_path / "pics" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+
+    first = index_folder(session, embedder, storage, tmp_path / "pics", recursive=True, progress=False)
+    assert (first.indexed, first.skipped, len(first.rejected)) == (12, 0, 1)
+    assert first.rejected[0][0].endswith("broken.jpg") and "Not a supported image" in first.rejected[0][1]
+    assert _count(session, "images") == 12 and _count(session, "image_embeddings") == 12
+
+    second = index_folder(session, embedder, storage, tmp_path / "pics", recursive=True, progress=False)
+    assert (second.indexed, second.updated, second.skipped) == (0, 0, 12)
+
+
+def test_non_recursive_index_takes_only_the_top_folder(tmp_path, session, embedder, storage):
+    _make_folder(tmp_path / "pics", 9)
+    summary = index_folder(session, embedder, storage, tmp_path / "pics", recursive=False, progress=False)
+    assert summary.indexed == 6  # 3 of the 9 live in sub/
+
+
+def test_renamed_changed_and_vanished_files(tmp_path, session, embedder, storage):
+    root = tmp_path / "pics"
+    _make_folder(root, 6)
+    index_folder(session, embedder, storage, root, recursive=True, progress=False)
+    vectors_before = _count(session, "image_embeddings")
+
+    (root / "photo_001.jpg").rename(root / "renamed.jpg")  # same bytes, new name: reuse
+    (root / "photo_002.jpg").write_bytes(jpeg(9999))  # new content under an old name: update
+    os.utime(root / "photo_002.jpg", ns=(time.time_ns(), time.time_ns() + 10**9))
+    (root / "photo_004.jpg").unlink()  # vanished
+
+    summary = index_folder(session, embedder, storage, root, recursive=True, progress=False)
+    assert (summary.reused, summary.updated, summary.indexed) == (1, 1, 0)
+    assert sorted(os.path.basename(p) for p in summary.missing) == ["photo_001.jpg", "photo_004.jpg"]
+    assert summary.pruned == 0
+    # The replaced version of photo_002 is gone; the renamed file kept its image and vector.
+    assert _count(session, "images") == vectors_before
+    assert any("--prune" in line for line in summary.lines())
+
+    pruned = index_folder(session, embedder, storage, root, recursive=True, prune=True, progress=False)
+    assert pruned.pruned == 2
+    assert _count(session, "images") == 5  # photo_004 removed; renamed.jpg still holds photo_001's image
+    assert _count(session, "indexed_files") == 5
+    assert files_on_disk(storage) == known_file_paths(session)
+    again = index_folder(session, embedder, storage, root, recursive=True, progress=False)
+    assert (again.skipped, again.missing) == (5, [])
+
+
+def test_metadata_csv_gives_names_and_descriptions(tmp_path, session, embedder, storage):
+    root = tmp_path / "shop"
+    root.mkdir()
+    (root / "10001.jpg").write_bytes(jpeg(1))
+    (root / "10002.jpg").write_bytes(jpeg(2))
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text(
+        "id,filename,articleType,baseColour,productDisplayName\n"
+        "10001,10001.jpg,Watches,Black,Titan Men Black Watch\n"
+        '10002,10002.jpg,Sandals,Brown,"Clarks Women Brown Sandals, size 5"\n'
+    )
+    mapping = MetadataMapping(csv_file, "filename", "{productDisplayName}", "{baseColour} {articleType}")
+    index_folder(session, embedder, storage, root, metadata=mapping, progress=False)
+    rows = session.execute(text("SELECT name, description FROM images ORDER BY original_filename")).all()
+    assert [tuple(r) for r in rows] == [
+        ("Titan Men Black Watch", "Black Watches"),
+        ("Clarks Women Brown Sandals, size 5", "Brown Sandals"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "mapping_args,words",
+    [
+        (("nope", None, None), "no file column named 'nope'"),
+        (("filename", "{missing}", None), "unknown columns missing"),
+        (("filename", "{a.__class__}", None), "plain column names"),
+    ],
+)
+def test_bad_metadata_mapping_is_refused(mapping_args, words, tmp_path, session, embedder, storage):
+    csv_file = tmp_path / "m.csv"
+    csv_file.write_text("filename,a\nx.jpg,1\n")
+    (tmp_path / "x.jpg").write_bytes(jpeg(3))
+    with pytest.raises(IndexingError, match=words):
+        index_folder(session, embedder, storage, tmp_path, metadata=MetadataMapping(csv_file, *mapping_args))
+    assert _count(session, "images") == 0
+
+
+def test_a_killed_index_run_resumes_and_indexes_every_image_exactly_once(tmp_path, settings, session, storage):
+    root = tmp_path / "many"
+    root.mkdir()
+    total = 240
+    for n in range(total):
+        (root / f"{n:04d}.jpg").write_bytes(jpeg(2000 + n, (64, 64)))
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "CLIPGALLERY_MODEL": settings.model_name,
+        "CLIPGALLERY_UPLOAD_DIR": str(settings.upload_dir),
+        "CLIPGALLERY_STATE_DIR": str(settings.state_dir),
+        "CLIPGALLERY_TORCH_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "clipgallery.cli", "index", str(root), "--quiet", "--batch-size", "4"]
+    process = subprocess.Popen(command, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            session.rollback()
+            if _count(session, "images") >= 12 or process.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, "the indexer finished before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    session.rollback()
+    done_before = _count(session, "images")
+    assert 0 < done_before < total
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"indexed {total - done_before}," in rerun.stdout and f"skipped {done_before}," in rerun.stdout
+    session.rollback()
+    assert _count(session, "images") == total
+    assert _count(session, "image_embeddings") == total
+    assert _count(session, "indexed_files") == total
+    duplicated = session.execute(
+        text("SELECT count(*) FROM (SELECT image_id FROM indexed_files GROUP BY 1 HAVING count(*) > 1) d")
+    ).scalar_one()
+    assert duplicated == 0
+    # Every file on disk belongs to a row (the killed batch's files were reused by the rerun).
+    leftovers = {p for p in files_on_disk(storage) if "/.tmp-" not in p}
+    assert leftovers == known_file_paths(session)

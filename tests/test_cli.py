@@ -1,0 +1,74 @@
+"""The command line, run as a user runs it: a separate process, configured by environment."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import jpeg
+
+
+@pytest.fixture
+def run(settings):
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "CLIPGALLERY_MODEL": settings.model_name,
+        "CLIPGALLERY_UPLOAD_DIR": str(settings.upload_dir),
+        "CLIPGALLERY_STATE_DIR": str(settings.state_dir),
+        "COLUMNS": "160",
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "clipgallery.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    return run
+
+
+def test_index_search_and_status_from_the_command_line(tmp_path, run):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for n in range(5):
+        (folder / f"holiday_{n}.jpg").write_bytes(jpeg(300 + n))
+
+    indexed = run("index", str(folder), "--quiet")
+    assert indexed.returncode == 0, indexed.stderr
+    assert "indexed 5," in indexed.stdout
+
+    found = run("search", "a", "sunny", "beach", "-k", "3")
+    assert found.returncode == 0, found.stderr
+    assert "“a sunny beach”" in found.stdout and "cosine, HNSW index" in found.stdout
+    assert found.stdout.count("holiday ") == 3
+    assert "more results: --offset 3" in found.stdout
+
+    by_image = run("search", "--image", str(folder / "holiday_2.jpg"), "-k", "1", "--exact")
+    assert by_image.returncode == 0, by_image.stderr
+    assert "holiday 2" in by_image.stdout and "1.000" in by_image.stdout and "exact scan" in by_image.stdout
+
+    status = run("status")
+    assert status.returncode == 0 and "images:   5" in status.stdout
+
+
+def test_errors_are_one_clear_line_not_a_traceback(tmp_path, run):
+    for args, words in [
+        (("search", "x", "-k", "0"), "k must be between"),
+        (("search", "--image", str(tmp_path / "missing.jpg")), "No such file"),
+        (("search", "--similar", "424242"), "No image with id 424242"),
+        (("index", str(tmp_path / "nowhere")), "is not a folder"),
+    ]:
+        result = run(*args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_model_create_writes_a_loadable_model_directory(tmp_path, run):
+    import open_clip  # noqa: F401  (the same process type the CLI uses)
+
+    result = run("model", "create", str(tmp_path / "demo"), "--architecture", "RN50")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo" / "open_clip_config.json").is_file()
+    assert (tmp_path / "demo" / "open_clip_model.safetensors").is_file()
+    assert f"CLIPGALLERY_MODEL={tmp_path / 'demo'}" in result.stdout

@@ -1,0 +1,86 @@
+from sqlalchemy import text
+
+from alembic import command
+from clipgallery import db
+from clipgallery.models import HNSW_INDEX_NAME
+
+TABLES = {"users", "embedding_models", "images", "image_embeddings", "indexed_files"}
+
+
+def _tables(settings) -> set[str]:
+    with db.get_engine(settings).connect() as conn:
+        rows = conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars()
+        return set(rows) - {"alembic_version"}
+
+
+def test_upgrade_creates_schema_that_matches_the_models_and_downgrade_removes_it(empty_settings):
+    settings = empty_settings
+    assert _tables(settings) == set()
+    db.migrate(settings)
+    assert _tables(settings) == TABLES
+    assert db.current_revision(settings) == "0001"
+    # Autogenerate sees no difference between the model classes and the migrated schema.
+    command.check(db.alembic_config(settings))
+
+    db.downgrade(settings, "base")
+    assert _tables(settings) == set()
+    assert db.current_revision(settings) is None
+    db.migrate(settings)
+    assert _tables(settings) == TABLES
+
+
+def test_vector_column_hnsw_index_and_comments(settings):
+    with db.get_engine(settings).connect() as conn:
+        column_type = conn.execute(
+            text(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = 'image_embeddings'::regclass AND attname = 'embedding'"
+            )
+        ).scalar_one()
+        assert column_type == "vector(64)"  # the tiny test model's dimension
+        storage = conn.execute(
+            text(
+                "SELECT attstorage FROM pg_attribute "
+                "WHERE attrelid = 'image_embeddings'::regclass AND attname = 'embedding'"
+            )
+        ).scalar_one()
+        assert storage == "p"  # PLAIN: kept in the row, not TOASTed
+        index_def = conn.execute(
+            text("SELECT indexdef FROM pg_indexes WHERE indexname = :name"), {"name": HNSW_INDEX_NAME}
+        ).scalar_one()
+        assert "USING hnsw (embedding vector_cosine_ops)" in index_def
+        assert "m='16'" in index_def and "ef_construction='64'" in index_def
+        for table in TABLES:
+            comment = conn.execute(text(f"SELECT obj_description('{table}'::regclass, 'pg_class')")).scalar_one()
+            assert comment, f"table {table} has no comment"
+        uncommented = (
+            conn.execute(
+                text(
+                    "SELECT c.relname || '.' || a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = 'public' AND c.relkind = 'r' AND c.relname <> 'alembic_version' "
+                    "AND a.attnum > 0 AND NOT a.attisdropped AND col_description(c.oid, a.attnum) IS NULL"
+                )
+            )
+            .scalars()
+            .all()
+        )
+        assert uncommented == []
+
+
+def test_too_old_or_missing_pgvector_is_refused_with_a_clear_message():
+    from clipgallery.db import DatabaseError, ServerInfo, check_server_info
+
+    ok = check_server_info(ServerInfo("18.6", 180006, "0.8.1"))
+    assert ok.has_iterative_scan
+    for info, words in [
+        (ServerInfo("13.2", 130002, "0.8.0"), "PostgreSQL 13.2 is too old"),
+        (ServerInfo("16.1", 160001, None), "pgvector extension is not installed"),
+        (ServerInfo("16.1", 160001, "0.6.2"), "pgvector 0.6.2 is too old"),
+    ]:
+        try:
+            check_server_info(info)
+        except DatabaseError as exc:
+            assert words in str(exc)
+        else:
+            raise AssertionError(f"{info} was accepted")

@@ -1,0 +1,102 @@
+"""Model identity: vectors record their model, a different model is refused until re-embedded."""
+
+import json
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from clipgallery.embedding import Embedder, ModelUnavailableError, create_random_model_dir
+from clipgallery.gallery import ModelMismatchError, gallery_status
+from clipgallery.ingest import ingest_image, reembed_images
+from clipgallery.search import search_image_bytes, search_text
+from tests.conftest import TINY_MODEL_CFG, jpeg
+
+
+def test_vectors_are_unit_length_float32_and_deterministic(embedder):
+    from tests.conftest import picture
+
+    images = [picture(1), picture(2)]
+    first = embedder.encode_images(images)
+    again = embedder.encode_images(images[::-1])[::-1]
+    assert first.dtype == np.float32 and first.shape == (2, 64)
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(first, again, atol=1e-5)  # batch order does not matter
+    text_vector = embedder.encode_text("a photo of a dog")
+    assert text_vector.shape == (64,) and abs(float(np.linalg.norm(text_vector)) - 1) < 1e-5
+    assert embedder.encode_text("a photo of a dog") is text_vector  # cached
+
+
+def test_identity_records_architecture_and_checkpoint_hash(embedder, tiny_model_dir):
+    identity = embedder.identity
+    assert identity.architecture == "tiny-vit"
+    assert identity.weights.startswith("sha256:") and len(identity.weights) == 7 + 64
+    assert identity.dimension == 64
+
+
+def test_checkpoint_file_with_a_named_architecture_loads(tmp_path, settings):
+    """The path real users take with downloaded weights: CLIPGALLERY_PRETRAINED=/path/file."""
+    import open_clip
+    import torch
+
+    model = open_clip.create_model("RN50", pretrained=None)
+    checkpoint = tmp_path / "rn50.pt"
+    torch.save(model.state_dict(), checkpoint)
+    embedder = Embedder(settings.with_overrides(model_name="RN50", pretrained=str(checkpoint)))
+    embedder.load()
+    assert embedder.identity.architecture == "RN50" and embedder.identity.dimension == 1024
+
+
+def test_missing_model_gives_a_clear_message_and_the_status_still_answers(settings, tmp_path):
+    broken = settings.with_overrides(model_name=str(tmp_path / "no-such-model"))
+    embedder = Embedder(broken)
+    with pytest.raises(ModelUnavailableError, match="clipgallery model create"):
+        embedder.load()
+    ok, detail = embedder.status()
+    assert not ok and "not a model directory" in detail
+    weights_missing = tmp_path / "empty-model"
+    weights_missing.mkdir()
+    (weights_missing / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_MODEL_CFG}))
+    with pytest.raises(ModelUnavailableError, match="holds no weights"):
+        Embedder(settings.with_overrides(model_name=str(weights_missing))).load()
+    status = gallery_status(broken, load_model=True)
+    assert status.database_ok and not status.model_ok and status.image_count == 0
+
+
+def test_another_model_is_refused_until_reembed(settings, session, embedder, storage, other_model_dir):
+    for seed in range(5):
+        ingest_image(session, embedder, storage, jpeg(seed), f"{seed}.jpg")
+    other = Embedder(settings.with_overrides(model_name=str(other_model_dir)))
+    other.load()
+    with pytest.raises(ModelMismatchError, match="clipgallery reembed"):
+        search_text(session, other, "anything")
+    with pytest.raises(ModelMismatchError, match="clipgallery reembed"):
+        ingest_image(session, other, storage, jpeg(99), "new.jpg")
+    assert "clipgallery reembed" in gallery_status(other.settings, load_model=True).model_detail
+
+    assert reembed_images(session, other, storage, progress=False) == 5
+    models = session.execute(text("SELECT DISTINCT model_id FROM image_embeddings")).scalars().all()
+    assert len(models) == 1
+    page = search_image_bytes(session, other, jpeg(3), k=1)
+    assert page.hits[0].distance == pytest.approx(0, abs=1e-5)
+    with pytest.raises(ModelMismatchError):
+        search_text(session, embedder, "the old model is now the foreign one")
+
+
+def test_reembed_to_another_dimension_rebuilds_the_column_and_index(settings, session, embedder, storage, tmp_path):
+    for seed in range(3):
+        ingest_image(session, embedder, storage, jpeg(seed), f"{seed}.jpg")
+    cfg = {**TINY_MODEL_CFG, "embed_dim": 32}
+    wide = create_random_model_dir(tmp_path / "d32", "tiny-vit-32", cfg, seed=3)
+    other = Embedder(settings.with_overrides(model_name=str(wide)))
+    with pytest.raises(ModelMismatchError, match="64-d vectors"):
+        search_text(session, other, "x")
+    assert reembed_images(session, other, storage, progress=False) == 3
+    column = session.execute(
+        text(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = 'image_embeddings'::regclass AND attname = 'embedding'"
+        )
+    ).scalar_one()
+    assert column == "vector(32)"
+    assert search_image_bytes(session, other, jpeg(1), k=1).hits[0].distance == pytest.approx(0, abs=1e-5)

@@ -1,0 +1,180 @@
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from clipgallery.gallery import vector_to_numpy
+from clipgallery.ingest import ingest_image
+from clipgallery.models import HNSW_INDEX_NAME
+from clipgallery.search import (
+    InvalidQuery,
+    search_image_bytes,
+    search_similar,
+    search_sql,
+    search_text,
+    search_vector,
+)
+from tests.conftest import jpeg
+
+
+@pytest.fixture
+def gallery(session, embedder, storage):
+    ids = []
+    for seed in range(40):
+        outcome = ingest_image(session, embedder, storage, jpeg(100 + seed), f"img{seed}.jpg", f"Picture {seed}")
+        assert outcome.status == "added"
+        ids.append(outcome.image_id)
+    return ids
+
+
+def _stored_vectors(session) -> tuple[list[int], np.ndarray]:
+    rows = session.execute(text("SELECT image_id, embedding FROM image_embeddings ORDER BY image_id")).all()
+    return [r[0] for r in rows], np.stack([vector_to_numpy(r[1]) for r in rows])
+
+
+def _brute_force(ids, vectors, query, metric):
+    if metric == "cosine":
+        d = 1 - vectors @ query / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(query))
+    elif metric == "l2":
+        d = np.linalg.norm(vectors - query, axis=1)
+    elif metric == "ip":
+        d = -(vectors @ query)
+    else:
+        d = np.abs(vectors - query).sum(axis=1)
+    return sorted(zip(d.tolist(), ids, strict=True))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip", "l1"])
+def test_exact_search_order_equals_brute_force_order(metric, gallery, session, embedder):
+    ids, vectors = _stored_vectors(session)
+    query = embedder.encode_text("a red square")
+    expected = _brute_force(ids, vectors, query, metric)[:15]
+    page = search_text(session, embedder, "a red square", k=15, metric=metric, exact=True)
+    assert page.exact
+    assert [h.id for h in page.hits] == [i for _, i in expected]
+    assert [h.distance for h in page.hits] == pytest.approx([d for d, _ in expected], abs=1e-5)
+    if metric == "l1":
+        assert all(h.similarity is None for h in page.hits)
+    else:
+        # On unit vectors every metric implies the same cosine similarity.
+        cosine = search_text(session, embedder, "a red square", k=15, metric="cosine", exact=True)
+        assert [h.id for h in page.hits] == [h.id for h in cosine.hits]
+        assert [h.similarity for h in page.hits] == pytest.approx([h.similarity for h in cosine.hits], abs=1e-5)
+
+
+def test_index_search_matches_exact_search_on_a_small_gallery(gallery, session, embedder):
+    approx = search_text(session, embedder, "blue circles", k=10)
+    exact = search_text(session, embedder, "blue circles", k=10, exact=True)
+    assert not approx.exact and exact.exact
+    assert [h.id for h in approx.hits] == [h.id for h in exact.hits]
+
+
+def test_paging_walks_the_whole_order_without_gaps_or_repeats(gallery, session, embedder):
+    full = search_text(session, embedder, "green", k=40, exact=True)
+    assert not full.has_more and len(full.hits) == 40
+    collected = []
+    offset = 0
+    while True:
+        page = search_text(session, embedder, "green", k=7, offset=offset)
+        collected += [h.id for h in page.hits]
+        if not page.has_more:
+            break
+        offset += 7
+    assert collected == [h.id for h in full.hits]
+    distances = [h.distance for h in full.hits]
+    assert distances == sorted(distances)
+
+
+def test_minimum_similarity_cuts_the_list(gallery, session, embedder):
+    full = search_text(session, embedder, "yellow", k=40, exact=True)
+    # Halfway between the 11th and 12th similarity, clear of rounding at the boundary.
+    cut = (full.hits[10].similarity + full.hits[11].similarity) / 2
+    for metric in ("cosine", "l2", "ip"):
+        page = search_text(session, embedder, "yellow", k=40, min_similarity=cut, metric=metric)
+        assert [h.id for h in page.hits] == [h.id for h in full.hits[:11]]
+        assert all(h.similarity >= cut for h in page.hits)
+    with pytest.raises(InvalidQuery, match="L1"):
+        search_text(session, embedder, "yellow", min_similarity=0.5, metric="l1")
+
+
+def test_image_query_with_a_stored_images_bytes_finds_it_first(gallery, session, embedder):
+    page = search_image_bytes(session, embedder, jpeg(100 + 17), k=5)
+    assert page.hits[0].id == gallery[17]
+    assert page.hits[0].distance == pytest.approx(0.0, abs=1e-5)
+    assert page.hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+    assert page.hits[1].distance > 1e-4
+
+
+def test_more_like_this_leaves_the_image_itself_out(gallery, session, embedder):
+    page = search_similar(session, embedder, gallery[3], k=39)
+    ids = [h.id for h in page.hits]
+    assert gallery[3] not in ids and len(ids) == 39
+    direct = search_image_bytes(session, embedder, jpeg(103), k=40, exact=True)
+    assert ids == [h.id for h in direct.hits if h.id != gallery[3]]
+
+
+def test_hits_carry_what_a_result_tile_needs(gallery, session, embedder):
+    hit = search_text(session, embedder, "anything", k=1).hits[0]
+    assert hit.name.startswith("Picture ")
+    assert hit.thumbnail_url.startswith("/files/thumbs/") and hit.original_url.startswith("/files/originals/")
+    assert hit.similarity == pytest.approx(1 - hit.distance)
+
+
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        ({"k": 0}, "k must be between"),
+        ({"k": 100000}, "k must be between"),
+        ({"offset": -1}, "offset must be between"),
+        ({"metric": "hamming"}, "Unknown metric"),
+        ({"min_similarity": 3.0}, "min_similarity must be between"),
+    ],
+)
+def test_bad_parameters_are_refused_clearly(options, words, gallery, session, embedder):
+    with pytest.raises(InvalidQuery, match=words):
+        search_text(session, embedder, "x", **options)
+
+
+def test_empty_query_is_refused(session, embedder):
+    with pytest.raises(InvalidQuery, match="empty"):
+        search_text(session, embedder, "   ")
+
+
+def test_the_default_search_uses_the_hnsw_index_on_thousands_of_rows(session, embedder, settings):
+    """Default planner settings, several thousand vectors: EXPLAIN shows the HNSW index scan."""
+    from clipgallery.gallery import gallery_model_id
+
+    model_id = gallery_model_id(session, embedder)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 64))
+    vectors = centres[rng.integers(0, 20, 5000)] + 0.3 * rng.normal(size=(5000, 64))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    session.execute(
+        text(
+            "INSERT INTO images (sha256, original_filename, stored_path, thumbnail_path, name, mime_type, "
+            "width, height, byte_size) SELECT md5(g::text) || md5(g::text), 'f.jpg', 'o/' || g, 't/' || g, "
+            "'synthetic ' || g, 'image/jpeg', 1, 1, 1 FROM generate_series(1, 5000) g"
+        )
+    )
+    ids = session.execute(text("SELECT id FROM images ORDER BY id")).scalars().all()
+    with session.connection().connection.cursor() as cursor, cursor.copy(
+        "COPY image_embeddings (image_id, model_id, embedding) FROM STDIN WITH (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types(["int4", "int4", "vector"])
+        for image_id, vector in zip(ids, vectors.astype(np.float32), strict=True):
+            copy.write_row((image_id, model_id, vector))
+    session.commit()
+    session.execute(text("ANALYZE images; ANALYZE image_embeddings"))
+
+    sql = search_sql("cosine", uses_index=True, with_threshold=False, with_exclude=False)
+    params = {"query": vectors[0].astype(np.float32), "model_id": model_id, "limit": 21, "offset": 0}
+    plan = "\n".join(session.execute(text("EXPLAIN " + sql), params).scalars())
+    assert HNSW_INDEX_NAME in plan, plan
+
+    exact_sql = search_sql("cosine", uses_index=False, with_threshold=False, with_exclude=False)
+    exact_plan = "\n".join(session.execute(text("EXPLAIN " + exact_sql), params).scalars())
+    assert HNSW_INDEX_NAME not in exact_plan
+
+    page = search_vector(session, settings, model_id, vectors[0], k=10)
+    exact = search_vector(session, settings, model_id, vectors[0], k=10, exact=True)
+    assert page.hits[0].id == ids[0]
+    assert len({h.id for h in page.hits} & {h.id for h in exact.hits}) >= 9
