@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub.add_parser("current", help="show the schema revision")
     dbsub.add_parser("url", help="print the connection URL (starts the embedded server while it runs)")
     q = dbsub.add_parser("psql", help="open psql on the gallery database (matching client version)")
-    q.add_argument("psql_args", nargs=argparse.REMAINDER)
+    q.add_argument("psql_args", nargs="*", help="passed to psql, e.g. -c 'SELECT count(*) FROM images'")
     p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("model", help="model information, or create a random-weight model for trying the app")
@@ -236,7 +236,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clipgallery.imaging import RejectedImage
     from clipgallery.search import InvalidQuery
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    psql_args: list[str] = []
+    for i in range(len(argv) - 1):
+        if argv[i : i + 2] == ["db", "psql"]:
+            # Everything after `db psql` belongs to psql itself (-c, -f, -x ...).
+            argv, psql_args = argv[: i + 2], argv[i + 2 :]
+            break
     args = build_parser().parse_args(argv)
+    if psql_args:
+        args.psql_args = psql_args
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

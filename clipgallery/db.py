@@ -307,7 +307,7 @@ def current_revision(settings: Settings | None = None) -> str | None:
 
 
 def run_psql(settings: Settings, args: list[str]) -> int:
-    """Run the psql client that matches the embedded server (or the one on PATH for an external URL)."""
+    """Run psql on the gallery database. The bundled psql 18 talks to any older server too,
+    while an older psql on PATH may not understand a newer server."""
     url = libpq_url(database_url(settings))
-    psql = embedded_client_bin_dir() / "psql" if settings.uses_embedded_database else Path("psql")
-    return subprocess.call([str(psql), url, *args])
+    return subprocess.call([str(embedded_client_bin_dir() / "psql"), url, *args])

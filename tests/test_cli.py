@@ -51,6 +51,10 @@ def test_index_search_and_status_from_the_command_line(tmp_path, run):
     status = run("status")
     assert status.returncode == 0 and "images:   5" in status.stdout
 
+    sql = run("db", "psql", "-At", "-c", "SELECT count(*) FROM images")
+    assert sql.returncode == 0, sql.stderr
+    assert sql.stdout.strip() == "5"
+
 
 def test_errors_are_one_clear_line_not_a_traceback(tmp_path, run):
     for args, words in [
