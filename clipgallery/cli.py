@@ -159,6 +159,34 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _read_new_password(args: argparse.Namespace) -> str:
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("New password: ")
+    if getpass.getpass("Repeat it: ") != first:
+        raise ValueError("The passwords differ.")
+    return first
+
+
+def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery import auth, db
+
+    db.migrate(settings)
+    with db.session_scope(settings) as session:
+        if args.admin_command == "create":
+            user = auth.create_user(session, args.username, _read_new_password(args), is_admin=True)
+            print(f"created administrator {user.username}")
+        elif args.admin_command == "passwd":
+            auth.set_password(session, args.username, _read_new_password(args))
+            print(f"password of {args.username} changed; their sessions were ended")
+        else:
+            for user in auth.list_users(session):
+                print(f"{user.username}{'  (admin)' if user.is_admin else ''}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from clipgallery.server import serve
 
@@ -223,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_model)
 
+    p = sub.add_parser("admin", help="administrator accounts")
+    asub = p.add_subparsers(dest="admin_command", required=True)
+    for name, helptext in (("create", "create an administrator"), ("passwd", "set a user's password")):
+        q = asub.add_parser(name, help=helptext)
+        q.add_argument("username")
+        q.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    asub.add_parser("list", help="list users")
+    p.set_defaults(func=cmd_admin)
+
     sub.add_parser("status", help="database and model health").set_defaults(func=cmd_status)
     sub.add_parser("config", help="print the settings in force").set_defaults(func=cmd_config)
     return parser
@@ -263,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         RejectedImage,
         FileNotFoundError,
         IsADirectoryError,
+        ValueError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -72,6 +72,10 @@ class Settings:
     torch_threads: int = 0  # 0: one per core
     embed_batch_size: int = 32
 
+    # Access: sessions end after session_hours; a private gallery needs a login to search.
+    session_hours: int = 12
+    private_gallery: bool = False
+
     # Search
     index_metric: str = "cosine"
     hnsw_m: int = 16
@@ -143,6 +147,8 @@ def load_settings() -> Settings:
         model_preload=_env_bool("CLIPGALLERY_MODEL_PRELOAD", defaults.model_preload),
         torch_threads=_env_int("CLIPGALLERY_TORCH_THREADS", defaults.torch_threads, 0),
         embed_batch_size=_env_int("CLIPGALLERY_EMBED_BATCH_SIZE", defaults.embed_batch_size, 1),
+        session_hours=_env_int("CLIPGALLERY_SESSION_HOURS", defaults.session_hours, 1),
+        private_gallery=_env_bool("CLIPGALLERY_PRIVATE", defaults.private_gallery),
         index_metric=_env("CLIPGALLERY_INDEX_METRIC", defaults.index_metric).lower(),
         hnsw_m=_env_int("CLIPGALLERY_HNSW_M", defaults.hnsw_m, 2),
         hnsw_ef_construction=_env_int("CLIPGALLERY_HNSW_EF_CONSTRUCTION", defaults.hnsw_ef_construction, 4),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 import numpy as np
 from sqlalchemy import func, select, text
@@ -217,6 +217,103 @@ def delete_images(session: Session, storage: Storage, image_ids: list[int]) -> i
 def known_file_paths(session: Session) -> set[str]:
     rows = session.execute(text("SELECT stored_path, thumbnail_path FROM images")).all()
     return {path for row in rows for path in row}
+
+
+# --- filters and browsing --------------------------------------------------------------------
+
+MIME_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif")
+SORTS = {"newest": "i.created_at DESC, i.id DESC", "oldest": "i.created_at ASC, i.id ASC", "name": "i.name, i.id"}
+
+
+def _like_pattern(word: str) -> str:
+    return "%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+@dataclass(frozen=True)
+class ImageFilters:
+    """Narrow browsing and similarity search alike. Empty fields do not filter."""
+
+    text: str | None = None  # every word must occur in the name or the description
+    uploader: str | None = None  # user name of the uploader
+    added_from: date | None = None  # inclusive, by day
+    added_to: date | None = None  # inclusive, by day
+    mime_type: str | None = None
+
+    def conditions(self) -> tuple[list[str], dict]:
+        """SQL conditions on images `i`, with their bound parameters."""
+        conditions: list[str] = []
+        params: dict = {}
+        words = (self.text or "").split()[:10]
+        for n, word in enumerate(words):
+            conditions.append(f"(i.name ILIKE :word{n} OR i.description ILIKE :word{n})")
+            params[f"word{n}"] = _like_pattern(word[:100])
+        if self.uploader:
+            conditions.append("i.uploaded_by = (SELECT id FROM users WHERE username = :uploader)")
+            params["uploader"] = self.uploader
+        if self.added_from:
+            conditions.append("i.created_at >= :added_from")
+            params["added_from"] = self.added_from
+        if self.added_to:
+            conditions.append("i.created_at < CAST(:added_to AS date) + 1")
+            params["added_to"] = self.added_to
+        if self.mime_type:
+            if self.mime_type not in MIME_TYPES:
+                raise ValueError(f"Unknown format {self.mime_type!r}: use one of {', '.join(MIME_TYPES)}.")
+            conditions.append("i.mime_type = :mime_type")
+            params["mime_type"] = self.mime_type
+        return conditions, params
+
+
+@dataclass(frozen=True)
+class BrowsePage:
+    items: list[ImageRecord]
+    total: int
+    limit: int
+    offset: int
+
+    @property
+    def has_more(self) -> bool:
+        return self.offset + len(self.items) < self.total
+
+
+def browse_images(
+    session: Session,
+    filters: ImageFilters | None = None,
+    sort: str = "newest",
+    limit: int = 60,
+    offset: int = 0,
+) -> BrowsePage:
+    """All images (or those the filters let through), newest first or by name."""
+    if sort not in SORTS:
+        raise ValueError(f"Unknown sort {sort!r}: use one of {', '.join(SORTS)}.")
+    if not 1 <= limit <= 500 or offset < 0:
+        raise ValueError("limit must be 1..500 and offset at least 0.")
+    conditions, params = (filters or ImageFilters()).conditions()
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    total = session.execute(text(f"SELECT count(*) FROM images i {where}"), params).scalar_one()
+    ids = (
+        session.execute(
+            text(f"SELECT i.id FROM images i {where} ORDER BY {SORTS[sort]} LIMIT :limit OFFSET :offset"),
+            {**params, "limit": limit, "offset": offset},
+        )
+        .scalars()
+        .all()
+    )
+    records = {image.id: image for image in session.execute(select(Image).where(Image.id.in_(ids))).scalars()}
+    with_vectors = set(
+        session.execute(select(ImageEmbedding.image_id).where(ImageEmbedding.image_id.in_(ids))).scalars()
+    )
+    items = [_record(records[i], i in with_vectors) for i in ids]
+    return BrowsePage(items=items, total=total, limit=limit, offset=offset)
+
+
+def uploader_names(session: Session) -> list[str]:
+    """Users who uploaded at least one image (for filter menus)."""
+    return list(
+        session.execute(
+            text("SELECT DISTINCT u.username FROM users u JOIN images i ON i.uploaded_by = u.id ORDER BY 1")
+        ).scalars()
+    )
 
 
 # --- status ----------------------------------------------------------------------------------

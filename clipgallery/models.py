@@ -44,7 +44,9 @@ class User(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True, sa_column_kwargs={"comment": "User id"})
     username: str = Field(sa_column=Column(String(64), unique=True, nullable=False, comment="Login name, unique"))
     password_hash: str = Field(sa_column=Column(Text, nullable=False, comment="Argon2id hash (PHC string)"))
-    is_admin: bool = Field(default=False, sa_column_kwargs={"comment": "May upload, edit and delete images"})
+    is_admin: bool = Field(
+        default=False, sa_column_kwargs={"comment": "May upload, edit and delete images", "server_default": "false"}
+    )
     created_at: datetime | None = Field(default=None, sa_column=_now_column("When the user was created"))
 
 
@@ -161,3 +163,63 @@ class IndexedFile(SQLModel, table=True):
         )
     )
     indexed_at: datetime | None = Field(default=None, sa_column=_now_column("Last time the file was checked", True))
+
+
+class UserSession(SQLModel, table=True):
+    __tablename__ = "user_sessions"
+    __table_args__ = {"comment": "Login sessions of the web app. Only a SHA-256 of each token is stored."}
+
+    id: int | None = Field(default=None, primary_key=True, sa_column_kwargs={"comment": "Session id"})
+    token_hash: str = Field(
+        sa_column=Column(String(64), unique=True, nullable=False, comment="SHA-256 (hex) of the session token")
+    )
+    user_id: int = Field(
+        sa_column=Column(
+            Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, comment="users.id of the session"
+        )
+    )
+    created_at: datetime | None = Field(default=None, sa_column=_now_column("Login time"))
+    expires_at: datetime = Field(
+        sa_column=Column(DateTime(timezone=True), nullable=False, comment="The session ends at this time")
+    )
+    last_seen_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True, comment="Last request with this session")
+    )
+
+
+class LoginAttempt(SQLModel, table=True):
+    __tablename__ = "login_attempts"
+    __table_args__ = {"comment": "Failed logins per (lower-cased) user name, for the brute-force throttle."}
+
+    username: str = Field(sa_column=Column(Text, primary_key=True, comment="User name as typed, lower-cased"))
+    failures: int = Field(sa_column=Column(Integer, nullable=False, comment="Failed logins since the last success"))
+    last_failure_at: datetime = Field(
+        sa_column=Column(DateTime(timezone=True), nullable=False, comment="Time of the latest failure")
+    )
+    locked_until: datetime | None = Field(
+        default=None,
+        sa_column=Column(DateTime(timezone=True), nullable=True, comment="No login for this name before this time"),
+    )
+
+
+class ApiToken(SQLModel, table=True):
+    __tablename__ = "api_tokens"
+    __table_args__ = {"comment": "Bearer tokens for the JSON API, issued to admins. Only a SHA-256 is stored."}
+
+    id: int | None = Field(default=None, primary_key=True, sa_column_kwargs={"comment": "Token id"})
+    user_id: int = Field(
+        sa_column=Column(
+            Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, comment="users.id of the owner"
+        )
+    )
+    name: str = Field(sa_column=Column(Text, nullable=False, comment="What the token is for"))
+    token_hash: str = Field(
+        sa_column=Column(String(64), unique=True, nullable=False, comment="SHA-256 (hex) of the token")
+    )
+    created_at: datetime | None = Field(default=None, sa_column=_now_column("When the token was issued"))
+    last_used_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True, comment="Last API call with the token")
+    )
+    expires_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True, comment="NULL: never expires")
+    )

@@ -9,6 +9,7 @@ inner product therefore rank identically; L1 does not, and has no similarity (No
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ from sqlmodel import Session
 
 from clipgallery.config import METRICS, Settings
 from clipgallery.embedding import Embedder
-from clipgallery.gallery import NotFoundError, file_url, gallery_model_id, vector_to_numpy
+from clipgallery.gallery import ImageFilters, NotFoundError, file_url, gallery_model_id, vector_to_numpy
 from clipgallery.imaging import decode_image
 from clipgallery.models import METRIC_OPERATORS
 
@@ -88,7 +89,9 @@ def _validate(settings: Settings, k: int, offset: int, metric: str, min_similari
         distance_bound(metric, min_similarity)
 
 
-def search_sql(metric: str, uses_index: bool, with_threshold: bool, with_exclude: bool) -> str:
+def search_sql(
+    metric: str, uses_index: bool, with_threshold: bool, with_exclude: bool, extra_conditions: Sequence[str] = ()
+) -> str:
     """The one statement behind every search (exposed so tests and docs can EXPLAIN it)."""
     operator = METRIC_OPERATORS[metric]
     # `+ 0` makes the ordering expression one no index can serve: an exact, sequential scan.
@@ -98,6 +101,7 @@ def search_sql(metric: str, uses_index: bool, with_threshold: bool, with_exclude
         conditions.append("e.image_id <> :exclude")
     if with_threshold:
         conditions.append(f"{distance_sql} <= :max_distance")
+    conditions.extend(extra_conditions)
     return (
         "SELECT i.id, i.name, i.description, i.thumbnail_path, i.stored_path, i.width, i.height, i.mime_type, "
         f"{distance_sql} AS distance "
@@ -118,17 +122,23 @@ def search_vector(
     metric: str | None = None,
     exact: bool = False,
     exclude_image_id: int | None = None,
+    filters: ImageFilters | None = None,
 ) -> SearchPage:
-    """Nearest stored images to `vector` (made by model `model_id`)."""
+    """Nearest stored images to `vector` (made by model `model_id`), optionally filtered."""
     metric = metric or settings.index_metric
     _validate(settings, k, offset, metric, min_similarity)
     uses_index = metric == settings.index_metric and not exact
-    sql = search_sql(metric, uses_index, min_similarity is not None, exclude_image_id is not None)
+    try:
+        filter_sql, filter_params = (filters or ImageFilters()).conditions()
+    except ValueError as exc:
+        raise InvalidQuery(str(exc)) from None
+    sql = search_sql(metric, uses_index, min_similarity is not None, exclude_image_id is not None, filter_sql)
     params: dict = {
         "query": np.asarray(vector, dtype=np.float32),
         "model_id": model_id,
         "limit": k + 1,
         "offset": offset,
+        **filter_params,
     }
     if exclude_image_id is not None:
         params["exclude"] = exclude_image_id

@@ -20,9 +20,14 @@ def run(settings):
         "COLUMNS": "160",
     }
 
-    def run(*args: str) -> subprocess.CompletedProcess:
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "clipgallery.cli", *args], env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "clipgallery.cli", *args],
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
 
     return run
@@ -76,3 +81,12 @@ def test_model_create_writes_a_loadable_model_directory(tmp_path, run):
     assert (tmp_path / "demo" / "open_clip_config.json").is_file()
     assert (tmp_path / "demo" / "open_clip_model.safetensors").is_file()
     assert f"CLIPGALLERY_MODEL={tmp_path / 'demo'}" in result.stdout
+
+
+def test_admin_create_and_list(run):
+    created = run("admin", "create", "root", "--password-stdin", stdin="a very long password\n")
+    assert created.returncode == 0, created.stderr
+    assert "created administrator root" in created.stdout
+    weak = run("admin", "create", "other", "--password-stdin", stdin="short\n")
+    assert weak.returncode == 1 and "at least 10 characters" in weak.stderr
+    assert run("admin", "list").stdout.split() == ["root", "(admin)"]

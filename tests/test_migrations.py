@@ -1,10 +1,19 @@
+from alembic import command
 from sqlalchemy import text
 
-from alembic import command
 from clipgallery import db
 from clipgallery.models import HNSW_INDEX_NAME
 
-TABLES = {"users", "embedding_models", "images", "image_embeddings", "indexed_files"}
+TABLES = {
+    "users",
+    "embedding_models",
+    "images",
+    "image_embeddings",
+    "indexed_files",
+    "user_sessions",
+    "login_attempts",
+    "api_tokens",
+}
 
 
 def _tables(settings) -> set[str]:
@@ -18,7 +27,7 @@ def test_upgrade_creates_schema_that_matches_the_models_and_downgrade_removes_it
     assert _tables(settings) == set()
     db.migrate(settings)
     assert _tables(settings) == TABLES
-    assert db.current_revision(settings) == "0001"
+    assert db.current_revision(settings) == "0002"
     # Autogenerate sees no difference between the model classes and the migrated schema.
     command.check(db.alembic_config(settings))
 

@@ -156,9 +156,10 @@ def test_the_default_search_uses_the_hnsw_index_on_thousands_of_rows(session, em
         )
     )
     ids = session.execute(text("SELECT id FROM images ORDER BY id")).scalars().all()
-    with session.connection().connection.cursor() as cursor, cursor.copy(
-        "COPY image_embeddings (image_id, model_id, embedding) FROM STDIN WITH (FORMAT BINARY)"
-    ) as copy:
+    with (
+        session.connection().connection.cursor() as cursor,
+        cursor.copy("COPY image_embeddings (image_id, model_id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy,
+    ):
         copy.set_types(["int4", "int4", "vector"])
         for image_id, vector in zip(ids, vectors.astype(np.float32), strict=True):
             copy.write_row((image_id, model_id, vector))
@@ -178,3 +179,42 @@ def test_the_default_search_uses_the_hnsw_index_on_thousands_of_rows(session, em
     exact = search_vector(session, settings, model_id, vectors[0], k=10, exact=True)
     assert page.hits[0].id == ids[0]
     assert len({h.id for h in page.hits} & {h.id for h in exact.hits}) >= 9
+
+
+def test_filters_narrow_browsing_and_similarity_search_alike(session, embedder, storage):
+    from datetime import date, timedelta
+
+    from clipgallery import auth
+    from clipgallery.gallery import ImageFilters, browse_images
+    from tests.conftest import encode, picture
+
+    admin = auth.create_user(session, "ann", "anns long password")
+    ingest_image(session, embedder, storage, jpeg(1), "a.jpg", "Red 50% off_sale", "summer dress", uploaded_by=admin.id)
+    ingest_image(session, embedder, storage, jpeg(2), "b.jpg", "Blue shoes", "leather", uploaded_by=admin.id)
+    ingest_image(session, embedder, storage, encode(picture(3), "PNG"), "c.png", "Red hat", "wool")
+    ingest_image(session, embedder, storage, jpeg(4), "d.jpg", "Green sale", "cotton")
+
+    def names(filters, sort="name"):
+        return [item.name for item in browse_images(session, filters, sort=sort).items]
+
+    assert names(None) == ["Blue shoes", "Green sale", "Red 50% off_sale", "Red hat"]
+    assert names(None, sort="newest") == ["Green sale", "Red hat", "Blue shoes", "Red 50% off_sale"]
+    assert names(ImageFilters(text="red")) == ["Red 50% off_sale", "Red hat"]
+    assert names(ImageFilters(text="red DRESS")) == ["Red 50% off_sale"]
+    assert names(ImageFilters(text="50%")) == ["Red 50% off_sale"]  # % is a character, not a wildcard
+    assert names(ImageFilters(text="f_s")) == ["Red 50% off_sale"]
+    assert names(ImageFilters(text="e_s")) == []  # _ is a character too
+    assert names(ImageFilters(uploader="ann")) == ["Blue shoes", "Red 50% off_sale"]
+    assert names(ImageFilters(mime_type="image/png")) == ["Red hat"]
+    today = date.today()
+    assert len(names(ImageFilters(added_from=today, added_to=today))) == 4
+    assert names(ImageFilters(added_to=today - timedelta(days=1))) == []
+    page = browse_images(session, None, sort="name", limit=3)
+    assert page.total == 4 and page.has_more and len(page.items) == 3
+
+    hits = search_text(session, embedder, "something red", k=10, filters=ImageFilters(text="red"))
+    assert sorted(h.name for h in hits.hits) == ["Red 50% off_sale", "Red hat"]
+    hits = search_text(session, embedder, "x", k=10, filters=ImageFilters(uploader="ann", mime_type="image/jpeg"))
+    assert sorted(h.name for h in hits.hits) == ["Blue shoes", "Red 50% off_sale"]
+    with pytest.raises(InvalidQuery, match="Unknown format"):
+        search_text(session, embedder, "x", filters=ImageFilters(mime_type="text/html"))
