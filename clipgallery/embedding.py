@@ -279,7 +279,7 @@ class Embedder:
         self.load()
         tokens = self._tokenizer(list(texts))
         with self._infer_lock, torch.inference_mode():
-            features = self._model.encode_text(tokens)
+            features = encode_text_to_end_token(self._model, tokens)
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
 
@@ -298,6 +298,39 @@ class Embedder:
             while len(self._text_cache) > TEXT_CACHE_SIZE:
                 self._text_cache.popitem(last=False)
         return vector
+
+
+def encode_text_to_end_token(model, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's text tower run only up to the last end-of-text token in the batch.
+
+    Queries are a few tokens long but are padded to 77. The text transformer's attention is
+    causal, so no position sees the padding after it, and the pooled feature is taken at the
+    end-of-text token: dropping the padding gives the same vector (tests prove it) for a
+    fraction of the work. Models this does not apply to use their own encode_text.
+    """
+    import open_clip
+    import torch
+
+    if (
+        type(model) is not open_clip.CLIP
+        or getattr(model, "text_pool_type", None) != "argmax"
+        or getattr(model, "attn_mask", None) is None
+    ):
+        return model.encode_text(tokens)
+    length = int((tokens != 0).sum(dim=1).max())  # padding is token 0 in CLIP's tokenizer
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[range(x.shape[0]), tokens.argmax(dim=-1)]
+    if model.text_projection is not None:
+        x = (
+            model.text_projection(x)
+            if isinstance(model.text_projection, torch.nn.Linear)
+            else x @ model.text_projection
+        )
+    return x
 
 
 def _first_line(exc: BaseException) -> str:

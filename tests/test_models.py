@@ -100,3 +100,29 @@ def test_reembed_to_another_dimension_rebuilds_the_column_and_index(settings, se
     ).scalar_one()
     assert column == "vector(32)"
     assert search_image_bytes(session, other, jpeg(1), k=1).hits[0].distance == pytest.approx(0, abs=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["tiny", "ViT-B-32"])
+def test_text_tower_stopped_at_the_end_token_gives_the_same_vectors(architecture, tiny_model_dir):
+    """The shortcut in encode_text_to_end_token is exact, not an approximation."""
+    import open_clip
+    import torch
+
+    from clipgallery.embedding import encode_text_to_end_token
+
+    if architecture == "tiny":
+        model = open_clip.create_model(f"local-dir:{tiny_model_dir}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")
+    else:
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-32")
+        tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    model.eval()
+    queries = ["dog", "a photo of a red sports car on a rainy street at night", "", "x " * 100, "sneakers"]
+    tokens = tokenizer(queries)
+    with torch.inference_mode():
+        full = model.encode_text(tokens)
+        short = encode_text_to_end_token(model, tokens)
+        one_by_one = torch.cat([encode_text_to_end_token(model, tokenizer([q])) for q in queries])
+    assert torch.allclose(full, short, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(full, one_by_one, atol=1e-5, rtol=1e-4)
