@@ -1,0 +1,1 @@
+"""Pages of the clipgallery web app."""
