@@ -84,6 +84,11 @@ class Settings:
     default_k: int = 20
     max_k: int = 500
 
+    # Search by image URL. TEST-ONLY escape hatch: hosts (as written in URLs, e.g. "127.0.0.1")
+    # whose addresses skip the public-address check, so tests can fetch from loopback servers.
+    # Any entry in production re-opens server-side request forgery to that host; keep it empty.
+    fetch_allow_hosts: frozenset[str] = frozenset()
+
     def __post_init__(self) -> None:
         if self.index_metric not in METRICS:
             raise ConfigError(
@@ -155,6 +160,9 @@ def load_settings() -> Settings:
         hnsw_ef_search=_env_int("CLIPGALLERY_HNSW_EF_SEARCH", defaults.hnsw_ef_search, 1),
         default_k=_env_int("CLIPGALLERY_DEFAULT_K", defaults.default_k, 1),
         max_k=_env_int("CLIPGALLERY_MAX_K", defaults.max_k, 1),
+        fetch_allow_hosts=frozenset(
+            h.strip().lower() for h in _env("CLIPGALLERY_FETCH_ALLOW_HOSTS", "").split(",") if h.strip()
+        ),
     )
 
 
