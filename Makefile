@@ -13,9 +13,11 @@ NODE_PLATFORM := $(shell uname -s | tr A-Z a-z)-$(shell uname -m | sed -e 's/x86
 NODE := $(NODE_PREFIX)/node_modules/node-$(NODE_PLATFORM)/bin/node
 PORT ?= 3000
 
-.PHONY: install run test lint
+.PHONY: install node run test lint
 
 install: $(STAMP) $(NODE)
+
+node: $(NODE)
 
 $(PY):
 	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \

@@ -3,10 +3,10 @@
 
 from logging.config import fileConfig
 
+from alembic import context
 from sqlmodel import SQLModel
 
 import clipgallery.models  # noqa: F401  (registers every table on SQLModel.metadata)
-from alembic import context
 from clipgallery import db
 from clipgallery.config import get_settings
 

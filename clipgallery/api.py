@@ -1,11 +1,21 @@
-"""HTTP API served next to the Reflex app (mounted through `rx.App(api_transformer=...)`)."""
+"""HTTP routes served next to the Reflex app (mounted through `rx.App(api_transformer=...)`):
+health, and the stored files (originals and thumbnails)."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+import logging
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
 
 from clipgallery.config import get_settings
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "clipgallery_session"
+# Files are named by their content hash: a URL never changes its bytes.
+IMMUTABLE = "public, max-age=31536000, immutable"
+
 
 api = FastAPI(title="clipgallery API", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -34,3 +44,42 @@ def health() -> JSONResponse:
             "images": 0,
         }
     return JSONResponse(body, status_code=200 if body["database"]["ok"] else 503)
+
+
+@api.get("/files/{relpath:path}")
+def stored_file(relpath: str, request: Request, download: bool = False) -> FileResponse:
+    """An original or a thumbnail. `?download=1` sends the original under its uploaded file name."""
+    from clipgallery import auth, db
+    from clipgallery.storage import ORIGINALS, THUMBS, Storage
+
+    settings = get_settings()
+    if not relpath.startswith((f"{ORIGINALS}/", f"{THUMBS}/")) or "/." in relpath:
+        raise HTTPException(404, "No such file.")
+    if settings.private_gallery:
+        with db.session_scope(settings) as session:
+            if auth.session_user(session, request.cookies.get(SESSION_COOKIE)) is None:
+                raise HTTPException(401, "This gallery is private: please log in.")
+    try:
+        path = Storage(settings.upload_dir).path(relpath)
+    except ValueError:
+        raise HTTPException(404, "No such file.") from None
+    if not path.is_file():
+        raise HTTPException(404, "No such file.")
+    headers = {
+        "Cache-Control": "private, max-age=3600" if settings.private_gallery else IMMUTABLE,
+        "X-Content-Type-Options": "nosniff",
+    }
+    filename = None
+    if download:
+        from sqlalchemy import text
+
+        with db.session_scope(settings) as session:
+            filename = session.execute(
+                text("SELECT original_filename FROM images WHERE stored_path = :p"), {"p": relpath}
+            ).scalar()
+    return FileResponse(
+        path,
+        headers=headers,
+        filename=filename,
+        content_disposition_type="attachment" if download else "inline",
+    )

@@ -64,6 +64,22 @@ def vector_column_dimension(session: Session) -> int | None:
     return typmod if typmod and typmod > 0 else None
 
 
+def set_vector_dimension(session: Session, settings: Settings, dimension: int) -> None:
+    """Give the vector column a new dimension (dropping every stored vector) and rebuild its index."""
+    from clipgallery.models import HNSW_INDEX_NAME, MAX_IN_ROW_DIMENSION, hnsw_index_statements
+
+    log.warning("setting the vector column to %d dimensions; stored vectors are dropped", dimension)
+    session.execute(text("LOCK TABLE image_embeddings IN ACCESS EXCLUSIVE MODE"))
+    session.execute(text(f"DROP INDEX IF EXISTS {HNSW_INDEX_NAME}"))
+    session.execute(text("DELETE FROM image_embeddings"))
+    session.execute(text(f"ALTER TABLE image_embeddings ALTER COLUMN embedding TYPE vector({int(dimension)})"))
+    storage_mode = "PLAIN" if dimension <= MAX_IN_ROW_DIMENSION else "EXTENDED"
+    session.execute(text(f"ALTER TABLE image_embeddings ALTER COLUMN embedding SET STORAGE {storage_mode}"))
+    for statement in hnsw_index_statements(settings):
+        session.execute(text(statement))
+    session.commit()
+
+
 def foreign_models(session: Session, model_id: int) -> list[tuple[EmbeddingModel, int]]:
     """Other models that still own vectors in the gallery, with their vector counts."""
     rows = session.execute(
@@ -83,6 +99,13 @@ def gallery_model_id(session: Session, embedder: Embedder) -> int:
     """
     identity = embedder.identity
     dimension = vector_column_dimension(session)
+    if (
+        dimension != identity.dimension
+        and not session.execute(text("SELECT EXISTS (SELECT FROM image_embeddings)")).scalar()
+    ):
+        # An empty gallery simply adopts the configured model's dimension: nothing to re-embed.
+        set_vector_dimension(session, embedder.settings, identity.dimension)
+        dimension = identity.dimension
     if dimension is not None and dimension != identity.dimension:
         raise ModelMismatchError(
             f"The gallery stores {dimension}-d vectors but the configured model {identity} makes "

@@ -234,21 +234,12 @@ def reembed_images(
     from sqlalchemy import text
     from tqdm import tqdm
 
-    from clipgallery.gallery import register_model, vector_column_dimension
-    from clipgallery.models import HNSW_INDEX_NAME, hnsw_index_statements
+    from clipgallery.gallery import register_model, set_vector_dimension, vector_column_dimension
 
     settings = embedder.settings
     identity = embedder.identity
     if vector_column_dimension(session) != identity.dimension:
-        log.warning("changing the vector column to %d dimensions; all stored vectors are dropped", identity.dimension)
-        session.execute(text(f"DROP INDEX IF EXISTS {HNSW_INDEX_NAME}"))
-        session.execute(text("DELETE FROM image_embeddings"))
-        session.execute(text(f"ALTER TABLE image_embeddings ALTER COLUMN embedding TYPE vector({identity.dimension})"))
-        storage_mode = "PLAIN" if identity.dimension <= 1900 else "EXTENDED"
-        session.execute(text(f"ALTER TABLE image_embeddings ALTER COLUMN embedding SET STORAGE {storage_mode}"))
-        for statement in hnsw_index_statements(settings):
-            session.execute(text(statement))
-        session.commit()
+        set_vector_dimension(session, settings, identity.dimension)
     model_id = register_model(session, identity)
     if image_ids is None:
         todo = (

@@ -14,6 +14,11 @@ from sqlmodel import Field, SQLModel
 HNSW_OPCLASS = {"cosine": "vector_cosine_ops", "l2": "vector_l2_ops", "ip": "vector_ip_ops", "l1": "vector_l1_ops"}
 METRIC_OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>", "l1": "<+>"}
 HNSW_INDEX_NAME = "image_embeddings_embedding_hnsw"
+# Wider vectors do not fit in a heap page: PostgreSQL must TOAST them.
+MAX_IN_ROW_DIMENSION = 1900
+# Used when the configured model cannot be resolved at the first migration: ViT-B-32's width.
+# An empty gallery adopts the real model's dimension on first use.
+DEFAULT_DIMENSION = 512
 
 
 def hnsw_index_statements(settings) -> list[str]:

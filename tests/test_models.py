@@ -126,3 +126,19 @@ def test_text_tower_stopped_at_the_end_token_gives_the_same_vectors(architecture
         one_by_one = torch.cat([encode_text_to_end_token(model, tokenizer([q])) for q in queries])
     assert torch.allclose(full, short, atol=1e-5, rtol=1e-4)
     assert torch.allclose(full, one_by_one, atol=1e-5, rtol=1e-4)
+
+
+def test_an_empty_gallery_adopts_the_models_dimension(settings, session, storage, tmp_path):
+    cfg = {**TINY_MODEL_CFG, "embed_dim": 48}
+    other = Embedder(settings.with_overrides(model_name=str(create_random_model_dir(tmp_path / "d48", "t48", cfg))))
+    outcome = ingest_image(session, other, storage, jpeg(5), "x.jpg")
+    assert outcome.status == "added"
+    assert search_image_bytes(session, other, jpeg(5), k=1).hits[0].id == outcome.image_id
+
+
+def test_migrations_do_not_need_a_model(empty_settings, tmp_path):
+    from clipgallery import db
+
+    no_model = empty_settings.with_overrides(model_name=str(tmp_path / "not-there"))
+    db.migrate(no_model)
+    assert db.current_revision(no_model) is not None

@@ -13,16 +13,12 @@ from collections.abc import Sequence
 
 import pgvector.sqlalchemy
 import sqlalchemy as sa
-
 from alembic import context, op
 
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
-
-# Rows wider than this cannot stay in the heap page; PostgreSQL must TOAST them.
-MAX_IN_ROW_DIMENSION = 1900
 
 
 def _settings():
@@ -38,10 +34,16 @@ def _timestamp(comment: str) -> sa.Column:
 
 
 def upgrade() -> None:
-    from clipgallery.embedding import configured_dimension
+    from clipgallery.embedding import ModelUnavailableError, configured_dimension
+    from clipgallery.models import DEFAULT_DIMENSION, MAX_IN_ROW_DIMENSION
 
     settings = _settings()
-    dimension = configured_dimension(settings)
+    try:
+        dimension = configured_dimension(settings)
+    except ModelUnavailableError:
+        # No model yet: the schema must not wait for one. The empty gallery adopts the
+        # model's dimension when a model first writes or searches.
+        dimension = DEFAULT_DIMENSION
 
     op.execute("CREATE EXTENSION IF NOT EXISTS vector")
 
