@@ -13,7 +13,7 @@ import logging
 import os
 import string
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,7 +209,10 @@ def index_folder(
     prune: bool = False,
     progress: bool = True,
     batch_size: int | None = None,
+    on_progress: Callable[[int, int, IndexSummary], None] | None = None,
 ) -> IndexSummary:
+    """Index the images under `root`. `on_progress(done, total, summary)` is called after each
+    batch (the web app shows it); `progress` draws a terminal progress bar."""
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -277,6 +280,8 @@ def index_folder(
                         summary.indexed += 1
             bar.update(len(current))
             bar.set_postfix(new=summary.indexed, updated=summary.updated, rejected=len(summary.rejected))
+            if on_progress is not None:
+                on_progress(min(len(work), (index + 1) * batch_size), len(work), summary)
     bar.close()
 
     if replaced_images:

@@ -375,7 +375,12 @@ def gallery_status(settings: Settings, load_model: bool = False) -> GalleryStatu
     if load_model or embedder.loaded or embedder.error is not None:
         model_ok, model_detail = embedder.status()
     else:
-        model_ok, model_detail = False, "The model is not loaded yet (it loads on first use)."
+        model_ok = False
+        model_detail = (
+            "The model is loading."
+            if settings.model_preload
+            else "The model is not loaded yet (it loads on first use)."
+        )
     if model_ok and database_ok:
         try:
             with Session(db.get_engine(settings)) as session:

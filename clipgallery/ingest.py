@@ -227,6 +227,7 @@ def reembed_images(
     storage: Storage,
     image_ids: list[int] | None = None,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Compute vectors with the configured model: for `image_ids`, or for every image whose
     vector is missing or came from another model. A dimension change rebuilds the column and its
@@ -286,5 +287,7 @@ def reembed_images(
             session.commit()
             done += len(kept)
         bar.update(len(ids))
+        if on_progress is not None:
+            on_progress(min(len(todo), start + len(ids)), len(todo))
     bar.close()
     return done

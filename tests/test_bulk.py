@@ -155,3 +155,19 @@ def test_a_killed_index_run_resumes_and_indexes_every_image_exactly_once(tmp_pat
     # Every file on disk belongs to a row (the killed batch's files were reused by the rerun).
     leftovers = {p for p in files_on_disk(storage) if "/.tmp-" not in p}
     assert leftovers == known_file_paths(session)
+
+
+def test_progress_is_reported_per_batch(tmp_path, session, embedder, storage):
+    _make_folder(tmp_path / "pics", 10)
+    seen = []
+    index_folder(
+        session,
+        embedder,
+        storage,
+        tmp_path / "pics",
+        recursive=True,
+        progress=False,
+        batch_size=4,
+        on_progress=lambda done, total, summary: seen.append((done, total, summary.indexed)),
+    )
+    assert seen == [(4, 10, 4), (8, 10, 8), (10, 10, 10)]

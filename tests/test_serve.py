@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,31 +13,9 @@ import httpx
 import psutil
 import pytest
 
+from tests.appserver import STARTUP_TIMEOUT, STOP_TIMEOUT, free_port, kill_all, log_tail, serve_command
+
 pytestmark = pytest.mark.slow
-
-# The first run installs the frontend's npm packages and builds it; later runs take seconds.
-STARTUP_TIMEOUT = 300.0
-STOP_TIMEOUT = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve_command(port: int) -> list[str]:
-    script = Path(sys.executable).with_name("clipgallery")
-    if script.exists():
-        return [str(script), "serve", "--port", str(port)]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from clipgallery.cli import main; sys.exit(main())",
-        "serve",
-        "--port",
-        str(port),
-    ]
 
 
 def _postmasters(pgdata: Path) -> list[psutil.Process]:
@@ -54,28 +30,17 @@ def _postmasters(pgdata: Path) -> list[psutil.Process]:
     return found
 
 
-def _kill_all(procs: list[psutil.Process]) -> None:
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(procs, timeout=10)
-
-
 def _stop_postgres(pgdata: Path) -> None:
     servers = _postmasters(pgdata)
     for proc in servers:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGINT)  # "fast" shutdown
     _, alive = psutil.wait_procs(servers, timeout=15)
-    _kill_all(alive)
-
-
-def _log_tail(log_path: Path, chars: int = 4000) -> str:
-    return log_path.read_text(errors="replace")[-chars:] if log_path.exists() else "(no log)"
+    kill_all(alive)
 
 
 def test_serve_starts_without_model_and_stops_cleanly(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     state_dir = tmp_path / "state"
     pgdata = state_dir / "pgdata"
     log_path = tmp_path / "serve.log"
@@ -91,7 +56,7 @@ def test_serve_starts_without_model_and_stops_cleanly(tmp_path: Path) -> None:
 
     with log_path.open("wb") as log:
         server = subprocess.Popen(
-            _serve_command(port), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            serve_command(port), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     tree: list[psutil.Process] = [psutil.Process(server.pid)]
     try:
@@ -99,7 +64,7 @@ def test_serve_starts_without_model_and_stops_cleanly(tmp_path: Path) -> None:
         health = None
         while time.monotonic() < deadline:
             if server.poll() is not None:
-                pytest.fail(f"clipgallery serve exited with {server.returncode}:\n{_log_tail(log_path)}")
+                pytest.fail(f"clipgallery serve exited with {server.returncode}:\n{log_tail(log_path)}")
             with contextlib.suppress(psutil.NoSuchProcess):
                 tree[1:] = psutil.Process(server.pid).children(recursive=True)
             try:
@@ -107,7 +72,7 @@ def test_serve_starts_without_model_and_stops_cleanly(tmp_path: Path) -> None:
                 break
             except httpx.TransportError:
                 time.sleep(1)
-        assert health is not None, f"no answer on port {port} within {STARTUP_TIMEOUT:.0f} s:\n{_log_tail(log_path)}"
+        assert health is not None, f"no answer on port {port} within {STARTUP_TIMEOUT:.0f} s:\n{log_tail(log_path)}"
 
         body = health.json()
         assert health.status_code == 200, body
@@ -128,8 +93,8 @@ def test_serve_starts_without_model_and_stops_cleanly(tmp_path: Path) -> None:
         try:
             returncode = server.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"clipgallery serve did not stop within {STOP_TIMEOUT:.0f} s:\n{_log_tail(log_path)}")
-        assert returncode == 0, _log_tail(log_path)
+            pytest.fail(f"clipgallery serve did not stop within {STOP_TIMEOUT:.0f} s:\n{log_tail(log_path)}")
+        assert returncode == 0, log_tail(log_path)
 
         _, left = psutil.wait_procs(tree[1:], timeout=10)
         assert not left, f"processes left behind: {[p.pid for p in left]}"
@@ -139,5 +104,5 @@ def test_serve_starts_without_model_and_stops_cleanly(tmp_path: Path) -> None:
         assert not _postmasters(pgdata), "the embedded PostgreSQL server is still running"
         assert not (pgdata / "postmaster.pid").exists()
     finally:
-        _kill_all([p for p in tree if p.is_running()])
+        kill_all([p for p in tree if p.is_running()])
         _stop_postgres(pgdata)
