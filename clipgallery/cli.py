@@ -122,6 +122,11 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         print(db.libpq_url(db.database_url(settings)))
     elif args.db_command == "psql":
         return db.run_psql(settings, args.psql_args)
+    elif args.db_command == "create-reader":
+        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
+        db.migrate(settings)
+        role = db.create_reader_role(settings, args.name, password)
+        print(f"role {role} can now read images, vectors and models and call the SQL helpers (docs/sql.md)")
     return 0
 
 
@@ -238,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("revision", nargs="?", default="-1")
     dbsub.add_parser("current", help="show the schema revision")
     dbsub.add_parser("url", help="print the connection URL (starts the embedded server while it runs)")
+    q = dbsub.add_parser("create-reader", help="create a read-only login role for SQL users")
+    q.add_argument("--name", default="clipgallery_reader")
+    q.add_argument("--password-stdin", action="store_true", help="read its password from standard input")
     q = dbsub.add_parser("psql", help="open psql on the gallery database (matching client version)")
     q.add_argument("psql_args", nargs="*", help="passed to psql, e.g. -c 'SELECT count(*) FROM images'")
     p.set_defaults(func=cmd_db)

@@ -311,3 +311,35 @@ def run_psql(settings: Settings, args: list[str]) -> int:
     while an older psql on PATH may not understand a newer server."""
     url = libpq_url(database_url(settings))
     return subprocess.call([str(embedded_client_bin_dir() / "psql"), url, *args])
+
+
+READER_TABLES = ("images", "image_embeddings", "embedding_models", "gallery_images")
+READER_FUNCTIONS = ("similar_images(integer, integer)", "nearest_images(vector, integer)")
+
+
+def create_reader_role(settings: Settings, name: str = "clipgallery_reader", password: str | None = None) -> str:
+    """A login role that can read images, vectors and models and call the SQL helpers — and
+    nothing else (no users, sessions or tokens; read-only transactions). Idempotent."""
+    from psycopg import sql
+
+    if not name.replace("_", "").isalnum():
+        raise ValueError("Role names may contain letters, digits and underscores only.")
+    role = sql.Identifier(name)
+    engine = get_engine(settings)
+    with engine.begin() as conn:
+        raw = conn.connection.driver_connection
+        with raw.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
+            verb = "ALTER" if cursor.fetchone() else "CREATE"
+            statement = sql.SQL("{} ROLE {} LOGIN").format(sql.SQL(verb), role)
+            if password:
+                statement = sql.SQL("{} PASSWORD {}").format(statement, sql.Literal(password))
+            cursor.execute(statement)
+            cursor.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(role))
+            cursor.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(raw.info.dbname), role))
+            cursor.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role))
+            for table in READER_TABLES:
+                cursor.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(table), role))
+            for function in READER_FUNCTIONS:
+                cursor.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(function), role))
+    return name
