@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 from clipgallery.config import ConfigError, Settings, get_settings
@@ -186,6 +187,13 @@ def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
         elif args.admin_command == "passwd":
             auth.set_password(session, args.username, _read_new_password(args))
             print(f"password of {args.username} changed; their sessions were ended")
+        elif args.admin_command == "token":
+            user = next((u for u in auth.list_users(session) if u.username == args.username), None)
+            if user is None:
+                raise ValueError(f"No user named {args.username!r}.")
+            ttl = timedelta(days=args.days) if args.days else None
+            print(auth.create_api_token(session, user, args.name, ttl))
+            print("(shown once; send it as: Authorization: Bearer <token>)", file=sys.stderr)
         else:
             for user in auth.list_users(session):
                 print(f"{user.username}{'  (admin)' if user.is_admin else ''}")
@@ -265,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
         q = asub.add_parser(name, help=helptext)
         q.add_argument("username")
         q.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    q = asub.add_parser("token", help="issue an API token to an administrator")
+    q.add_argument("username")
+    q.add_argument("--name", default="api", help="what the token is for")
+    q.add_argument("--days", type=int, default=None, help="expire after this many days (default: never)")
     asub.add_parser("list", help="list users")
     p.set_defaults(func=cmd_admin)
 
@@ -274,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from clipgallery.auth import PermissionDenied
     from clipgallery.bulk import IndexingError
     from clipgallery.db import DatabaseError
     from clipgallery.embedding import ModelUnavailableError
@@ -309,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileNotFoundError,
         IsADirectoryError,
         ValueError,
+        PermissionDenied,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -291,6 +291,9 @@ def migrate(settings: Settings | None = None, revision: str = "head") -> None:
     settings = settings or get_settings()
     check_server(get_engine(settings))
     command.upgrade(alembic_config(settings), revision)
+    # Pooled connections opened before the vector extension existed have no vector type
+    # adapter: start afresh.
+    get_engine(settings).dispose()
 
 
 def downgrade(settings: Settings | None = None, revision: str = "base") -> None:

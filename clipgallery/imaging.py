@@ -20,7 +20,14 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 class RejectedImage(ValueError):
-    """The bytes are not an image clipgallery will store; str(exc) is the reason, for people."""
+    """The bytes are not an image clipgallery will store; str(exc) is the reason, for people.
+
+    `kind` tells programs why: "empty", "too_large" (bytes or pixels), "unsupported" (not an
+    allowed format) or "damaged"."""
+
+    def __init__(self, message: str, kind: str = "damaged") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -42,15 +49,17 @@ def _megabytes(n: int) -> str:
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
     """Validate bytes as an allowed image and decode them; raises RejectedImage with the reason."""
     if not data:
-        raise RejectedImage("The file is empty.")
+        raise RejectedImage("The file is empty.", "empty")
     if len(data) > max_bytes:
-        raise RejectedImage(f"The file is {_megabytes(len(data))}; the limit is {_megabytes(max_bytes)}.")
+        raise RejectedImage(f"The file is {_megabytes(len(data))}; the limit is {_megabytes(max_bytes)}.", "too_large")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
     except UnidentifiedImageError:
-        raise RejectedImage("Not a supported image: clipgallery accepts JPEG, PNG, WebP and GIF files.") from None
+        raise RejectedImage(
+            "Not a supported image: clipgallery accepts JPEG, PNG, WebP and GIF files.", "unsupported"
+        ) from None
     except Exception as exc:
         raise RejectedImage(f"The image could not be read: {exc}") from None
 
@@ -60,7 +69,8 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
     if width * height > max_pixels:
         raise RejectedImage(
             f"The image is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels); "
-            f"the limit is {max_pixels / 1e6:.0f} megapixels."
+            f"the limit is {max_pixels / 1e6:.0f} megapixels.",
+            "too_large",
         )
     mime_type = ALLOWED_FORMATS[image.format]
     try:

@@ -41,6 +41,7 @@ class IngestOutcome:
     image_id: int | None = None
     name: str = ""
     reason: str = ""
+    kind: str = ""  # for rejections: RejectedImage.kind ("empty", "too_large", "unsupported", "damaged")
 
 
 @dataclass
@@ -217,7 +218,7 @@ def ingest_image(
     try:
         prepared = prepare_image(data, filename, embedder.settings, name, description)
     except RejectedImage as exc:
-        return IngestOutcome("rejected", clean_filename(filename), reason=str(exc))
+        return IngestOutcome("rejected", clean_filename(filename), reason=str(exc), kind=exc.kind)
     return store_prepared(session, embedder, storage, [prepared], uploaded_by=uploaded_by)[0]
 
 
