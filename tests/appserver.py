@@ -67,6 +67,18 @@ class AppProcess:
                 time.sleep(1)
         raise TimeoutError(f"no answer on port {self.port} within {timeout:.0f} s:\n{self.log()}")
 
+    def wait_until_model_ready(self, timeout: float = 120.0) -> None:
+        """The app preloads the model in the background; tests want it loaded."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.wait_until_healthy().json()
+            if body["model"]["ok"]:
+                return
+            if "loading" not in body["model"]["detail"]:
+                raise RuntimeError(f"the model did not load: {body['model']['detail']}")
+            time.sleep(0.5)
+        raise TimeoutError(f"the model did not load within {timeout:.0f} s:\n{self.log()}")
+
     def note_children(self) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             self.tree[1:] = psutil.Process(self.process.pid).children(recursive=True)

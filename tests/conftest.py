@@ -7,16 +7,20 @@ from __future__ import annotations
 import io
 import itertools
 import os
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from clipgallery import db
+from clipgallery import auth, db
 from clipgallery.config import Settings
 from clipgallery.embedding import Embedder, create_random_model_dir
+from clipgallery.ingest import IngestOutcome, ingest_image
 from clipgallery.storage import Storage
+from tests.appserver import AppProcess, free_port
 
 TINY_MODEL_CFG = {
     "embed_dim": 64,
@@ -136,3 +140,86 @@ def jpeg(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
 
 def files_on_disk(storage: Storage) -> set[str]:
     return {str(p.relative_to(storage.root)) for p in storage.iter_files()}
+
+
+# --- the production app, for API and browser tests ------------------------------------------
+
+
+@dataclass
+class Gallery:
+    """Direct access to the app's database and files, for seeding and checking."""
+
+    settings: Settings
+    base_url: str
+    embedder: Embedder
+
+    @property
+    def storage(self) -> Storage:
+        return Storage(self.settings.upload_dir)
+
+    def add_image(self, data: bytes, filename: str, name: str, description: str = "") -> IngestOutcome:
+        with db.session_scope(self.settings) as session:
+            outcome = ingest_image(session, self.embedder, self.storage, data, filename, name, description)
+        assert outcome.status in ("added", "duplicate"), outcome.reason
+        return outcome
+
+    def create_admin(self, username: str, password: str = "a long test password") -> auth.CurrentUser:
+        with db.session_scope(self.settings) as session:
+            return auth.create_user(session, username, password, is_admin=True)
+
+    def api_token(self, user: auth.CurrentUser, ttl: timedelta | None = None) -> str:
+        with db.session_scope(self.settings) as session:
+            return auth.create_api_token(session, user, "tests", ttl)
+
+    def count(self, table: str) -> int:
+        from sqlalchemy import text
+
+        with db.session_scope(self.settings) as session:
+            return session.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+
+    def session_token(self, user: auth.CurrentUser) -> str:
+        with db.session_scope(self.settings) as session:
+            return auth.create_session(session, user, timedelta(hours=1))
+
+
+@pytest.fixture(scope="session")
+def app_server(pg_server, tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser-app")
+    pg_server.psql('CREATE DATABASE "browser_gallery";')
+    url = pg_server.get_uri("browser_gallery").replace("postgresql://", "postgresql+psycopg://", 1)
+    settings = Settings(
+        database_url=url,
+        state_dir=root / "state",
+        upload_dir=root / "uploads",
+        model_name=str(tiny_model_dir),
+        thumbnail_size=256,
+    )
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CLIPGALLERY_DATABASE_URL")}
+    env.update(
+        DATABASE_URL=url,
+        CLIPGALLERY_STATE_DIR=str(settings.state_dir),
+        CLIPGALLERY_UPLOAD_DIR=str(settings.upload_dir),
+        CLIPGALLERY_MODEL=str(tiny_model_dir),
+        CLIPGALLERY_THUMBNAIL_SIZE=str(settings.thumbnail_size),
+        # Its own build directory: never rewrite the .web of a running `make run`.
+        REFLEX_WEB_WORKDIR=str(root / "web"),
+        # Test-only: lets "search by URL" tests fetch from a local image server.
+        CLIPGALLERY_FETCH_ALLOW_HOSTS="127.0.0.1",
+    )
+    app = AppProcess(port, env, root / "serve.log")
+    try:
+        health = app.wait_until_healthy()
+        assert health.status_code == 200, health.text
+        app.wait_until_model_ready()
+        yield app, settings
+    finally:
+        app.stop()
+
+
+@pytest.fixture(scope="session")
+def gallery(app_server) -> Gallery:
+    app, settings = app_server
+    embedder = Embedder(settings)
+    embedder.load()
+    return Gallery(settings=settings, base_url=app.base_url, embedder=embedder)
