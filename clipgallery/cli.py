@@ -123,6 +123,14 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         print(db.libpq_url(db.database_url(settings)))
     elif args.db_command == "psql":
         return db.run_psql(settings, args.psql_args)
+    elif args.db_command == "dump":
+        print(f"wrote {db.dump(settings, Path(args.output))}")
+        print(
+            f"also back up the files: tar -C {settings.upload_dir.parent} -czf files.tar.gz {settings.upload_dir.name}"
+        )
+    elif args.db_command == "restore":
+        db.restore(settings, Path(args.input))
+        print(f"restored {args.input} (schema revision {db.current_revision(settings)})")
     elif args.db_command == "create-reader":
         password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
         db.migrate(settings)
@@ -251,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("revision", nargs="?", default="-1")
     dbsub.add_parser("current", help="show the schema revision")
     dbsub.add_parser("url", help="print the connection URL (starts the embedded server while it runs)")
+    q = dbsub.add_parser("dump", help="back up the database with pg_dump (custom format)")
+    q.add_argument("output", help="dump file to write, e.g. backups/gallery.dump")
+    q = dbsub.add_parser("restore", help="restore a dump into an empty database")
+    q.add_argument("input", help="dump file written by `clipgallery db dump`")
     q = dbsub.add_parser("create-reader", help="create a read-only login role for SQL users")
     q.add_argument("--name", default="clipgallery_reader")
     q.add_argument("--password-stdin", action="store_true", help="read its password from standard input")

@@ -346,3 +346,40 @@ def create_reader_role(settings: Settings, name: str = "clipgallery_reader", pas
             for function in READER_FUNCTIONS:
                 cursor.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(function), role))
     return name
+
+
+def dump(settings: Settings, output: Path) -> Path:
+    """pg_dump (custom format) of the gallery database, with the client tools that match the
+    embedded server (pg_dump refuses servers newer than itself)."""
+    url = libpq_url(database_url(settings))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [str(embedded_client_bin_dir() / "pg_dump"), "--format=custom", "--no-owner", f"--file={output}", url],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise DatabaseError(f"pg_dump failed: {result.stderr.strip()}")
+    return output
+
+
+def restore(settings: Settings, dump_file: Path) -> None:
+    """Restore a dump made by `dump` into the (empty) gallery database."""
+    if not dump_file.is_file():
+        raise DatabaseError(f"{dump_file} does not exist.")
+    url = libpq_url(database_url(settings))
+    result = subprocess.run(
+        [
+            str(embedded_client_bin_dir() / "pg_restore"),
+            "--no-owner",
+            "--exit-on-error",
+            "--single-transaction",
+            f"--dbname={url}",
+            str(dump_file),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise DatabaseError(f"pg_restore failed: {result.stderr.strip()}")
+    dispose_engines()
