@@ -7,12 +7,38 @@ import reflex as rx
 
 from clipgallery.api import api
 from clipgallery.config import get_settings
-from clipgallery.pages import index
+from clipgallery.pages import browse, image, search
+from clipgallery.pages.session import SessionState
 
 log = logging.getLogger(__name__)
 
 app = rx.App(api_transformer=api)
-app.add_page(index.index, route="/", title="clipgallery", on_load=index.IndexState.load_status)
+# Searchers' pages: every page first refreshes the session (and enforces a private gallery).
+app.add_page(search.home, route="/", title="clipgallery", on_load=[SessionState.refresh, search.SearchState.load_home])
+app.add_page(
+    search.results,
+    route="/search",
+    title="Search · clipgallery",
+    on_load=[SessionState.refresh, search.SearchState.load_search],
+)
+app.add_page(
+    search.results,
+    route="/similar/[id]",
+    title="More like this · clipgallery",
+    on_load=[SessionState.refresh, search.SearchState.load_similar],
+)
+app.add_page(
+    browse.browse,
+    route="/browse",
+    title="Browse · clipgallery",
+    on_load=[SessionState.refresh, browse.BrowseState.load],
+)
+app.add_page(
+    image.image_page,
+    route="/image/[id]",
+    title="Image · clipgallery",
+    on_load=[SessionState.refresh, image.ImageState.load],
+)
 
 
 @app.register_lifespan_task
