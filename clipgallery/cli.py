@@ -214,6 +214,32 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return serve(settings, port=args.port)
 
 
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery.evaluation import EvalOptions, run_eval
+
+    options = EvalOptions(
+        source=Path(args.source),
+        label_column=args.label_column,
+        captions=args.captions,
+        split=Path(args.split) if args.split else None,
+        write_split=Path(args.write_split) if args.write_split else None,
+        side=args.side,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        prompt_template=args.prompt_template,
+        limit=args.limit,
+        out_dir=Path(args.out) if args.out else None,
+        metrics=tuple(m.strip().lower() for m in args.metrics.split(",") if m.strip()),
+        keep_database=args.keep_database,
+        progress=not args.quiet,
+    )
+    report = run_eval(settings, options)
+    for line in report.summary_lines():
+        print(line)
+    print(f"report: {report.markdown_path}\nJSON:   {report.json_path}\nplot:   {report.plot_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipgallery", description="Self-hosted CLIP image search.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
@@ -291,6 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--days", type=int, default=None, help="expire after this many days (default: never)")
     asub.add_parser("list", help="list users")
     p.set_defaults(func=cmd_admin)
+
+    p = sub.add_parser("eval", help="measure retrieval quality on a labelled image set (separate database)")
+    p.add_argument("source", help="labels CSV, captions CSV (--captions) or folder of class folders")
+    p.add_argument("--label-column", help="CSV column holding the class, e.g. articleType")
+    p.add_argument("--captions", action="store_true", help="SOURCE is a CSV of image,caption rows")
+    p.add_argument("--split", metavar="FILE", help="evaluate one side (--side) of this split file")
+    p.add_argument("--write-split", metavar="FILE", help="write a seeded stratified split, evaluate --side of it")
+    p.add_argument("--side", choices=("train", "test"), default="test", help="split side to evaluate")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-template", default="a photo of a {}", help="class-name prompt; {} is the class")
+    p.add_argument("--limit", type=int, help="at most N images, round-robin over classes (quick runs)")
+    p.add_argument("--out", metavar="DIR", help="report folder (default reports/<set>-<time>/)")
+    p.add_argument("--metrics", default="cosine,l2,ip,l1", help="distance metrics to compare")
+    p.add_argument("--keep-database", action="store_true", help="do not drop the evaluation database")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
 
     sub.add_parser("status", help="database and model health").set_defaults(func=cmd_status)
     sub.add_parser("config", help="print the settings in force").set_defaults(func=cmd_config)
