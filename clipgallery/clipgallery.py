@@ -7,7 +7,17 @@ import reflex as rx
 
 from clipgallery.api import api
 from clipgallery.config import get_settings
-from clipgallery.pages import browse, image, search
+from clipgallery.pages import (
+    admin_common,
+    admin_jobs,
+    admin_manage,
+    admin_upload,
+    admin_users,
+    browse,
+    image,
+    login,
+    search,
+)
 from clipgallery.pages.session import SessionState
 
 log = logging.getLogger(__name__)
@@ -38,6 +48,32 @@ app.add_page(
     route="/image/[id]",
     title="Image · clipgallery",
     on_load=[SessionState.refresh, image.ImageState.load],
+)
+
+
+# Login and the admin pages. Every admin page loads through admin_on_load (session refresh, then
+# the server-side admin check); every admin event handler checks again on its own.
+app.add_page(login.login, route="/login", title="Log in · clipgallery", on_load=SessionState.refresh)
+app.add_page(
+    admin_upload.admin_upload, route="/admin", title="Add images · clipgallery", on_load=admin_common.admin_on_load()
+)
+app.add_page(
+    admin_manage.admin_manage,
+    route="/admin/manage",
+    title="Manage images · clipgallery",
+    on_load=admin_common.admin_on_load(admin_manage.ManageState.load),
+)
+app.add_page(
+    admin_jobs.admin_jobs,
+    route="/admin/jobs",
+    title="Index & re-embed · clipgallery",
+    on_load=admin_common.admin_on_load(),
+)
+app.add_page(
+    admin_users.admin_users,
+    route="/admin/users",
+    title="Users · clipgallery",
+    on_load=admin_common.admin_on_load(admin_users.UsersState.load),
 )
 
 

@@ -47,7 +47,10 @@ def reflex_env(database_url: str, settings: Settings | None = None) -> dict[str,
 
     Copies the current environment (so CLIPGALLERY_* settings reach the app) and adds the
     database URL, Node.js 22 first on PATH, npm instead of bun, and no network calls home.
-    With `settings`, Reflex's upload directory is the gallery's upload directory.
+    With `settings`, Reflex's own upload directory is an empty folder under the state directory:
+    Reflex serves that folder at /_upload without any access check, and clipgallery never writes
+    uploads there (they go through the service layer into the gallery's upload directory, which
+    only /files serves, with the private-gallery check).
     """
     env = dict(os.environ)
     env["DATABASE_URL"] = database_url
@@ -58,7 +61,7 @@ def reflex_env(database_url: str, settings: Settings | None = None) -> dict[str,
     env["REFLEX_CHECK_LATEST_VERSION"] = "0"
     env.setdefault("PYTHONUNBUFFERED", "1")
     if settings is not None:
-        env["REFLEX_UPLOADED_FILES_DIR"] = str(settings.upload_dir)
+        env["REFLEX_UPLOADED_FILES_DIR"] = str(settings.state_dir / "reflex-uploads")
     return env
 
 
