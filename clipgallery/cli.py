@@ -208,6 +208,19 @@ def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from clipgallery.loadtest import run_load
+
+    report = asyncio.run(
+        run_load(args.url, clients=args.clients, seconds=args.seconds, pause=args.pause, mixed=args.mixed)
+    )
+    for line in report.lines():
+        print(line)
+    return 0 if report.errors == 0 else 1
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from clipgallery.server import serve
 
@@ -334,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-database", action="store_true", help="do not drop the evaluation database")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("loadtest", help="concurrent clients against a running app (loopback)")
+    p.add_argument("--url", default="http://127.0.0.1:3000")
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--pause", type=float, default=0.5, help="seconds between a client's requests")
+    p.add_argument("--mixed", action="store_true", help="also image queries and page loads")
+    p.set_defaults(func=cmd_loadtest)
 
     sub.add_parser("status", help="database and model health").set_defaults(func=cmd_status)
     sub.add_parser("config", help="print the settings in force").set_defaults(func=cmd_config)
