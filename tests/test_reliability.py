@@ -27,3 +27,18 @@ def test_the_app_reconnects_after_postgresql_restarts(app_server, gallery, pg_se
             assert response.json()["results"][0]["name"] == "Survives restarts"
         health = client.get(f"http://127.0.0.1:{app.port}/api/health").json()
         assert health["database"]["ok"]
+
+
+def test_a_short_mixed_load_run_has_no_errors(app_server, gallery):
+    """The load command's machinery, briefly (the real 50-client run is `clipgallery loadtest`)."""
+    import asyncio
+
+    from clipgallery.loadtest import run_load
+
+    app, _ = app_server
+    gallery.add_image(jpeg(6001), "load.jpg", "Under load")
+    report = asyncio.run(run_load(f"http://127.0.0.1:{app.port}", clients=6, seconds=4, pause=0.05, mixed=True))
+    assert report.errors == 0, report.error_samples
+    assert set(report.latencies_ms) == {"text query", "image query", "page load"}
+    assert report.requests == sum(len(v) for v in report.latencies_ms.values()) > 20
+    assert "errors" in report.lines()[0]
