@@ -272,7 +272,8 @@ def reembed_card() -> rx.Component:
 
 
 def job_status() -> rx.Component:
-    return rx.vstack(
+    # A fragment: nothing (and no gap) while there is nothing to show.
+    return rx.fragment(
         rx.cond(
             JobsState.running,
             rx.card(
@@ -331,8 +332,6 @@ def job_status() -> rx.Component:
                 data_testid="job-summary",
             ),
         ),
-        spacing="3",
-        width="100%",
     )
 
 

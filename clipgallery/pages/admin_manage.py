@@ -20,6 +20,15 @@ from clipgallery.storage import Storage
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 24
+# Read by screen readers, not shown (the placeholder says the same to sighted users).
+VISUALLY_HIDDEN = {
+    "position": "absolute",
+    "width": "1px",
+    "height": "1px",
+    "overflow": "hidden",
+    "clip": "rect(0 0 0 0)",
+    "white_space": "nowrap",
+}
 
 
 def _row(record: gallery.ImageRecord) -> dict[str, str]:
@@ -284,7 +293,7 @@ def filter_bar() -> rx.Component:
     return rx.form(
         rx.hstack(
             rx.box(
-                rx.el.label("Filter by name or description", html_for="manage-query", class_name="rt-sr-only"),
+                rx.el.label("Filter by name or description", html_for="manage-query", style=VISUALLY_HIDDEN),
                 rx.input(
                     rx.input.slot(rx.icon("search", size=16)),
                     id="manage-query",
@@ -350,7 +359,7 @@ def toolbar() -> rx.Component:
             rx.button("Clear", on_click=ManageState.clear_selection, variant="ghost", size="2", color_scheme="gray"),
         ),
         align="center",
-        gap="3",
+        spacing="3",
         wrap="wrap",
         width="100%",
     )
@@ -399,7 +408,7 @@ def image_row(row: rx.Var) -> rx.Component:
                     align="center",
                 ),
                 spacing="1",
-                flex="1",
+                flex="1 1 12em",
                 min_width="0",
             ),
             rx.hstack(
@@ -430,7 +439,7 @@ def image_row(row: rx.Var) -> rx.Component:
                 flex_shrink="0",
             ),
             align="center",
-            gap="3",
+            spacing="3",
             wrap=rx.breakpoints(initial="wrap", sm="nowrap"),
             width="100%",
         ),
