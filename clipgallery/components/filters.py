@@ -80,7 +80,7 @@ def filter_fields() -> rx.Component:
             [(ANY, "Any format"), *FORMAT_LABELS.items()],
         ),
         columns={"initial": "1", "xs": "2", "md": "5"},
-        gap="3",
+        spacing="3",
         width="100%",
         data_testid="filter-fields",
     )

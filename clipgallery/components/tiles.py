@@ -148,7 +148,7 @@ def tile_grid(items: rx.Var[list[Tile]], show_score: bool = True, testid: str = 
     return rx.grid(
         rx.foreach(items, lambda item: tile(item, show_score)),
         columns=GRID_COLUMNS,
-        gap=["3", "4"],
+        spacing={"initial": "3", "sm": "4"},
         width="100%",
         style=GRID_STYLE,
         data_testid=testid,
@@ -258,7 +258,7 @@ def loading_grid() -> rx.Component:
     return rx.grid(
         *[rx.skeleton(rx.box(aspect_ratio="4 / 3", width="100%"), loading=True) for _ in range(10)],
         columns=GRID_COLUMNS,
-        gap=["3", "4"],
+        spacing={"initial": "3", "sm": "4"},
         width="100%",
         data_testid="results-loading",
         aria_busy="true",

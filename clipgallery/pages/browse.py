@@ -129,7 +129,7 @@ def browse() -> rx.Component:
                 ),
                 direction="row",
                 align="end",
-                gap="3",
+                spacing="3",
                 width="100%",
                 wrap="wrap",
             ),
