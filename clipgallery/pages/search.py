@@ -210,9 +210,7 @@ class SearchState(FilterState):
             self.error = ""
             return
         options = self._read_options(params)
-        filters = self._read_filters(params)
-        if filters.count:
-            self.show_options = True
+        filters = self._read_filters(params)  # active filters show as a count on the options button
         self.q = words
         self.url_input = url
         self._start("text" if words else "url", words or url)
