@@ -741,11 +741,11 @@ def _describe_selection(info: dict) -> str:
         how = f"split `{split['file']}`, side **{split['side']}**"
         if split["written"]:
             how += f", written by this run: test fraction {split['test_fraction']}, seed {split['seed']}"
-        parts.append(f"({how})")
+        parts[-1] += f" ({how})"
     if info.get("limit"):
         parts.append(f"limited to {info['limit']}, round-robin over classes")
     return (
-        " ".join(parts) + f"; {info['classes']} classes; duplicates merged: {info['duplicates_merged']}; "
+        ", ".join(parts) + f"; {info['classes']} classes; duplicates merged: {info['duplicates_merged']}; "
         f"rejected: {len(info['rejected'])}"
     )
 
