@@ -17,6 +17,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # The view must not name image_embeddings.embedding: a view pins the type of every column it
+    # reads, and `clipgallery reembed` changes the vector dimension with ALTER COLUMN ... TYPE.
+    # (SQL function bodies are not dependency-tracked, so the functions below are fine.)
     op.execute(
         """
         CREATE VIEW gallery_images AS
@@ -34,7 +37,7 @@ def upgrade() -> None:
                '/files/' || i.stored_path AS original_url,
                '/files/' || i.thumbnail_path AS thumbnail_url,
                m.architecture || ' / ' || m.weights AS model,
-               e.embedding IS NOT NULL AS has_vector
+               e.image_id IS NOT NULL AS has_vector
         FROM images i
         LEFT JOIN users u ON u.id = i.uploaded_by
         LEFT JOIN image_embeddings e ON e.image_id = i.id
