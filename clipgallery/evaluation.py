@@ -149,10 +149,11 @@ class EvalReport:
 
 def set_name(source: Path) -> str:
     """A short name for reports: the CSV's folder (evaldata/fashion_products/labels.csv ->
-    fashion_products), or the folder itself."""
-    source = Path(source)
+    fashion_products), or the folder (its parent for a folder called images)."""
+    source = Path(source).resolve()
     if source.is_dir():
-        return source.resolve().name
+        # evaldata/imagenette_val1k/images -> imagenette_val1k
+        return source.parent.name if source.name == "images" else source.name
     return source.resolve().parent.name if source.stem in ("labels", "captions") else source.stem
 
 
