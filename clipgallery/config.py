@@ -14,6 +14,9 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 METRICS = ("cosine", "l2", "ip", "l1")
+# Numeric precision of the model's Linear layers: fp32 as trained, or int8 (dynamic
+# quantisation, see clipgallery.embedding.quantize_int8 and docs/benchmarks.md).
+PRECISIONS = ("fp32", "int8")
 
 
 class ConfigError(ValueError):
@@ -71,6 +74,7 @@ class Settings:
     model_preload: bool = True
     torch_threads: int = 0  # 0: one per core
     embed_batch_size: int = 32
+    precision: str = "fp32"  # "int8": dynamic int8 quantisation of the Linear layers (faster on CPUs)
 
     # Access: sessions end after session_hours; a private gallery needs a login to search.
     session_hours: int = 12
@@ -94,6 +98,8 @@ class Settings:
             raise ConfigError(
                 f"CLIPGALLERY_INDEX_METRIC must be one of {', '.join(METRICS)}, got {self.index_metric!r}"
             )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"CLIPGALLERY_PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def pgdata_dir(self) -> Path:
@@ -152,6 +158,7 @@ def load_settings() -> Settings:
         model_preload=_env_bool("CLIPGALLERY_MODEL_PRELOAD", defaults.model_preload),
         torch_threads=_env_int("CLIPGALLERY_TORCH_THREADS", defaults.torch_threads, 0),
         embed_batch_size=_env_int("CLIPGALLERY_EMBED_BATCH_SIZE", defaults.embed_batch_size, 1),
+        precision=_env("CLIPGALLERY_PRECISION", defaults.precision).lower(),
         session_hours=_env_int("CLIPGALLERY_SESSION_HOURS", defaults.session_hours, 1),
         private_gallery=_env_bool("CLIPGALLERY_PRIVATE", defaults.private_gallery),
         index_metric=_env("CLIPGALLERY_INDEX_METRIC", defaults.index_metric).lower(),

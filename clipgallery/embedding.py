@@ -198,7 +198,11 @@ class Embedder:
                 raise ModelUnavailableError(
                     f"Model directory {spec.model_dir} holds no weights file. " + _how_to_provide_a_model()
                 )
-            model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{spec.model_dir}")
+            config = json.loads((spec.model_dir / MODEL_CONFIG_FILE).read_text())
+            if config.get("clipgallery", {}).get("text_tower_package"):
+                model, preprocess = _create_with_package_text_tower(spec.model_dir, config, weights)
+            else:
+                model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{spec.model_dir}")
             tokenizer = open_clip.get_tokenizer(f"local-dir:{spec.model_dir}")
             weights_id = "sha256:" + file_sha256(weights)
         elif spec.checkpoint is not None:
@@ -227,12 +231,14 @@ class Embedder:
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        if self.settings.precision == "int8":
+            model = quantize_int8(model)
         dimension = int(getattr(model, "embed_dim", 0) or spec.dimension)
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         self._identity = ModelIdentity(spec.architecture, weights_id, dimension)
         self._model = model
-        log.info("CLIP model ready: %s (%d torch threads)", self._identity, threads)
+        log.info("CLIP model ready: %s (%s, %d torch threads)", self._identity, self.settings.precision, threads)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -331,6 +337,133 @@ def encode_text_to_end_token(model, tokens: torch.Tensor) -> torch.Tensor:
             else x @ model.text_projection
         )
     return x
+
+
+def _self_attention_module():
+    import torch
+
+    class LinearSelfAttention(torch.nn.Module):
+        """nn.MultiheadAttention (self-attention only) with its packed q/k/v projection as an
+        nn.Linear, so dynamic quantisation reaches it too: quantize_dynamic skips
+        MultiheadAttention's in_proj_weight, a quarter of a ViT block's multiply-adds."""
+
+        def __init__(self, mha: torch.nn.MultiheadAttention) -> None:
+            super().__init__()
+            dim = mha.embed_dim
+            self.num_heads = mha.num_heads
+            self.batch_first = mha.batch_first
+            self.qkv = torch.nn.Linear(dim, 3 * dim, bias=mha.in_proj_bias is not None)
+            self.qkv.weight = torch.nn.Parameter(mha.in_proj_weight.detach().clone(), requires_grad=False)
+            if mha.in_proj_bias is not None:
+                self.qkv.bias = torch.nn.Parameter(mha.in_proj_bias.detach().clone(), requires_grad=False)
+            self.out_proj = torch.nn.Linear(dim, dim, bias=mha.out_proj.bias is not None)
+            self.out_proj.weight = torch.nn.Parameter(mha.out_proj.weight.detach().clone(), requires_grad=False)
+            if mha.out_proj.bias is not None:
+                self.out_proj.bias = torch.nn.Parameter(mha.out_proj.bias.detach().clone(), requires_grad=False)
+
+        def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):
+            if (key is not None and key is not query) or (value is not None and value is not query):
+                raise ValueError("LinearSelfAttention handles self-attention only")
+            x = query if self.batch_first else query.transpose(0, 1)
+            batch, length, dim = x.shape
+            q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+            if attn_mask is not None and attn_mask.dtype != torch.bool:
+                attn_mask = attn_mask.to(q.dtype)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            out = self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
+            return (out if self.batch_first else out.transpose(0, 1)), None
+
+    return LinearSelfAttention
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantisation of every Linear layer (weights int8, activations quantised per
+    batch at run time; VNNI/AMX kernels on x86). Self-attention projections are first turned into
+    Linear layers so they are quantised too. Vectors stay within cos 0.99+ of fp32 (see
+    tests/test_embedding_precision.py and docs/benchmarks.md). CPU only; returns the model."""
+    import warnings
+
+    import open_clip
+    import torch
+
+    attention = _self_attention_module()
+    for module in model.modules():
+        if (
+            isinstance(module, open_clip.transformer.ResidualAttentionBlock)
+            and not hasattr(module, "ln_1_kv")  # cross-attention blocks keep nn.MultiheadAttention
+            and isinstance(module.attn, torch.nn.MultiheadAttention)
+            and module.attn._qkv_same_embed_dim
+        ):
+            module.attn = attention(module.attn)
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which is not installed here.
+        warnings.simplefilter("ignore")
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    for module in model.modules():
+        if isinstance(module, open_clip.transformer.ResidualAttentionBlock):
+            # open_clip asks the first block's c_fc for the activations' dtype; quantised
+            # layers keep no float weight, so say it the way open_clip expects.
+            module.mlp.c_fc.int8_original_dtype = torch.float32
+    return model
+
+
+def package_model_dir(package: str) -> Path:
+    """The Hugging Face model directory shipped inside an installed Python package (``<package>/model``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelUnavailableError(
+            f"This model's text tower comes from the Python package {package!r}, which is not installed "
+            f"(pip install {package.replace('_', '-')})."
+        )
+    model_dir = Path(spec.origin).resolve().parent / "model"
+    if not (model_dir / "config.json").is_file():
+        raise ModelUnavailableError(f"Package {package!r} has no model files under {model_dir}.")
+    return model_dir
+
+
+def _create_with_package_text_tower(model_dir: Path, config: dict, weights: Path):
+    """A model directory written by `clipgallery train --mode lit`: its weights file holds the trained
+    parts only; the locked text tower is loaded from the installed package the config names (never a
+    path of the machine that trained it), after checking it is the exact tower the model was trained with."""
+    import os
+
+    import open_clip
+    from safetensors.torch import load_file
+
+    block = config["clipgallery"]
+    text_dir = package_model_dir(block["text_tower_package"])
+    expected = block.get("text_tower_sha256")
+    if expected:
+        found = file_sha256(text_dir / "model.safetensors")
+        if found != expected:
+            raise ModelUnavailableError(
+                f"Model directory {model_dir} was trained with another version of the text tower in package "
+                f"{block['text_tower_package']!r} (sha256 {expected[:12]}…, installed {found[:12]}…): install the "
+                "version it was trained with, or train again."
+            )
+    text_cfg = dict(config["model_cfg"]["text_cfg"], hf_model_name=str(text_dir), hf_tokenizer_name=str(text_dir))
+    text_cfg["hf_model_pretrained"] = True
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory: never ask the hub
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            f"local-dir:{model_dir}", load_weights=False, text_cfg=text_cfg
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+    result = model.load_state_dict(load_file(str(weights)), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("text.transformer.")]
+    if missing or result.unexpected_keys:
+        raise ModelUnavailableError(
+            f"Weights in {weights} do not fit the model in {model_dir / MODEL_CONFIG_FILE} "
+            f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})."
+        )
+    return model, preprocess
 
 
 def _first_line(exc: BaseException) -> str:
