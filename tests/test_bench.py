@@ -1,0 +1,83 @@
+"""`clipgallery bench` smoke run: the report is produced with the expected tables.
+
+Speed is never asserted here (the bench prints numbers; tests check behaviour)."""
+
+from __future__ import annotations
+
+import json
+
+from clipgallery.bench import BenchOptions, run_bench, write_report
+from clipgallery.cli import build_parser
+from tests.conftest import fresh_database, picture
+
+
+def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
+    images = tmp_path / "images"
+    for offset, label in enumerate(("cats", "dogs")):
+        (images / label).mkdir(parents=True)
+        for i in range(10):
+            picture(100 * offset + i).save(images / label / f"{i}.jpg", quality=90)
+    options = BenchOptions(
+        images=images,
+        out=tmp_path / "report" / "benchmarks.md",
+        sizes=(2000,),
+        state_dir=tmp_path / "bench-state",
+        model_dir=tiny_model_dir,
+        batch_size=8,
+        round_size=10,
+        ef_values=(10, 40),
+        queries=20,
+        text_queries=6,
+        exact_sql_queries=3,
+        http=False,
+        memory=False,
+        torch_threads=1,  # a tiny model; fewer threads fight less with a busy machine
+        extra_models=(),
+        database_url=fresh_database(pg_server, None),
+        progress=False,
+        command="clipgallery bench --test",
+    )
+    report = run_bench(options)
+    markdown, json_path, plot = write_report(report, options.out)
+
+    text = markdown.read_text()
+    for heading in (
+        "## Machine",
+        "## Targets",
+        "## Ingest",
+        "## int8 fidelity",
+        "## Text tower",
+        "### Index build",
+        "### Recall@10 and SQL latency per ef_search",
+        "## Queries through the service",
+    ):
+        assert heading in text, heading
+    assert "clipgallery bench --test" in text
+    for row in (
+        "model only, fp32",
+        "clipgallery bulk index, int8",
+        "chromadb `collection.add`",
+        "numpy exact",
+        "Chroma",
+    ):
+        assert row in text, row
+    assert "| vector | 40 |" in text and "| halfvec | 10 |" in text
+    assert plot is not None and plot.stat().st_size > 0
+
+    data = json.loads(json_path.read_text())
+    assert set(data["ingest"]) == {"model_fp32", "model_int8", "clipgallery_fp32", "clipgallery_int8", "chroma_fp32"}
+    assert all(p["images"] == 20 for p in data["ingest"].values())
+    size = data["sizes"]["2000"]
+    assert set(size["curves"]) == {"vector", "halfvec"}
+    assert size["exact_sql"]["recall"] == 1.0 and size["numpy"]["recall"] == 1.0
+    assert 0.0 <= data["fidelity"]["image_top10_overlap"] <= 1.0
+
+    # Throwaway databases are gone (small sizes are not kept).
+    names = pg_server.psql("SELECT datname FROM pg_database WHERE datname LIKE 'bench_%';")
+    assert "bench_" not in names.replace("datname", "")
+
+
+def test_bench_command_line():
+    args = build_parser().parse_args(["bench", "--quick", "--sizes", "10000,100_000", "--rebuild"])
+    assert args.quick and args.rebuild and args.sizes == "10000,100_000"
+    assert args.func.__name__ == "cmd_bench"
