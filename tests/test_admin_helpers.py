@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -52,7 +53,9 @@ def _receive(parts, max_files=10, max_file_bytes=100, max_total_bytes=1000):
     async def run():
         return [f async for f in receive_files(_chunks(parts), max_files, max_file_bytes, max_total_bytes)]
 
-    return asyncio.run(run())
+    # In a thread of its own: Playwright's sync API may hold an event loop in this one.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
 
 
 def test_receive_files_assembles_files_in_order():
