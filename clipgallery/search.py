@@ -19,7 +19,7 @@ from sqlmodel import Session
 from clipgallery.config import METRICS, Settings
 from clipgallery.embedding import Embedder
 from clipgallery.gallery import ImageFilters, NotFoundError, file_url, gallery_model_id, vector_to_numpy
-from clipgallery.imaging import decode_image
+from clipgallery.imaging import DecodedImage, decode_image
 from clipgallery.models import METRIC_OPERATORS
 
 MAX_OFFSET = 10_000
@@ -193,13 +193,25 @@ def search_text(session: Session, embedder: Embedder, query: str, **options) -> 
     return search_vector(session, embedder.settings, model_id, embedder.encode_text(query), **options)
 
 
-def search_image_bytes(session: Session, embedder: Embedder, data: bytes, **options) -> SearchPage:
-    """Images similar to an image given as bytes (validated like an upload; nothing is stored)."""
+def encode_query_image(embedder: Embedder, data: bytes) -> tuple[np.ndarray, DecodedImage]:
+    """The query vector of an image given as bytes (validated like an upload; nothing is stored),
+    with the decoded image (for a preview)."""
     settings = embedder.settings
     decoded = decode_image(data, settings.max_upload_bytes, settings.max_image_pixels)
+    return embedder.encode_images([decoded.rgb])[0], decoded
+
+
+def search_by_vector(session: Session, embedder: Embedder, vector: np.ndarray, **options) -> SearchPage:
+    """Images nearest to a query vector made by the configured model (e.g. a remembered image
+    query, so paging does not need the image again)."""
     model_id = gallery_model_id(session, embedder)
-    vector = embedder.encode_images([decoded.rgb])[0]
-    return search_vector(session, settings, model_id, vector, **options)
+    return search_vector(session, embedder.settings, model_id, np.asarray(vector, dtype=np.float32), **options)
+
+
+def search_image_bytes(session: Session, embedder: Embedder, data: bytes, **options) -> SearchPage:
+    """Images similar to an image given as bytes (validated like an upload; nothing is stored)."""
+    vector, _decoded = encode_query_image(embedder, data)
+    return search_by_vector(session, embedder, vector, **options)
 
 
 def search_similar(session: Session, embedder: Embedder, image_id: int, **options) -> SearchPage:

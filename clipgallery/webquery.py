@@ -30,9 +30,16 @@ from clipgallery.gallery import (
     get_image,
     uploader_names,
 )
-from clipgallery.imaging import RejectedImage, decode_image, make_thumbnail
+from clipgallery.imaging import RejectedImage, make_thumbnail
 from clipgallery.models import User
-from clipgallery.search import InvalidQuery, SearchPage, search_image_bytes, search_similar, search_text
+from clipgallery.search import (
+    InvalidQuery,
+    SearchPage,
+    encode_query_image,
+    search_by_vector,
+    search_similar,
+    search_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +225,19 @@ def text_results(settings: Settings, query: str, options: QueryOptions, filters:
         return _results(search_text(session, get_embedder(settings), query, **opts), session)
 
 
-def image_results(settings: Settings, data: bytes, options: QueryOptions, filters: FilterParams) -> Results:
-    """Search by an image's bytes (validated like an upload; nothing is stored)."""
+def image_query(settings: Settings, data: bytes) -> tuple[list[float], str]:
+    """An image query's vector (what the page keeps for paging: 2 KB, not the image) and a small
+    preview of the image as a data: URL. The bytes are validated like an upload; nothing is stored."""
+    vector, decoded = encode_query_image(get_embedder(settings), data)
+    preview = "data:image/webp;base64," + base64.b64encode(make_thumbnail(decoded.rgb, PREVIEW_SIZE)).decode()
+    return [float(x) for x in vector], preview
+
+
+def vector_results(settings: Settings, vector: list[float], options: QueryOptions, filters: FilterParams) -> Results:
+    """Results for a remembered image query."""
     opts = _search_options(options, filters)
     with db.session_scope(settings) as session:
-        return _results(search_image_bytes(session, get_embedder(settings), data, **opts), session)
+        return _results(search_by_vector(session, get_embedder(settings), vector, **opts), session)
 
 
 def fetch_image(settings: Settings, url: str) -> bytes:
@@ -318,12 +333,6 @@ def image_details(settings: Settings, image_id: int) -> ImageDetails:
         added=record.created_at.strftime("%Y-%m-%d %H:%M") if record.created_at else "",
         uploader=uploader_name or "command line",
     )
-
-
-def preview_data_url(settings: Settings, data: bytes) -> str:
-    """A small WebP of a query image as a data: URL (a few KB), to show what was searched for."""
-    decoded = decode_image(data, settings.max_upload_bytes, settings.max_image_pixels)
-    return "data:image/webp;base64," + base64.b64encode(make_thumbnail(decoded.rgb, PREVIEW_SIZE)).decode()
 
 
 # --- errors ----------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Text, image-URL and "more like this" queries live in the address: the page reads it in on_load
 and runs the query, so reload, back/forward and shared links all work. An uploaded or pasted
-image cannot be put in an address: its results are shown at /search, the image is kept on the
-server for paging (`_query_bytes`, this browser tab only), and the best hit's "more like this"
+image cannot be put in an address: its results are shown at /search, its vector is kept on the
+server for paging (`_query_vector`, this browser tab only), and the best hit's "more like this"
 link is offered as the shareable follow-up.
 """
 
@@ -21,6 +21,7 @@ from clipgallery.components.filters import filter_fields, select_field
 from clipgallery.components.layout import page_shell
 from clipgallery.components.tiles import empty_gallery, error_callout, loading_grid, no_match, pager, tile_grid
 from clipgallery.config import get_settings
+from clipgallery.imaging import RejectedImage
 from clipgallery.pages.filters import FilterState
 from clipgallery.webquery import ANY, FilterParams, QueryOptions, Tile
 
@@ -58,8 +59,9 @@ class SearchState(FilterState):
     model_ok: bool = False
     model_detail: str = ""
 
-    # Backend only: the uploaded query image, so its result pages can be fetched.
-    _query_bytes: bytes = b""
+    # Backend only: an uploaded image query, remembered for paging as its vector (2 KB), never
+    # as the image.
+    _query_vector: list[float] = rx.field(default_factory=list)
 
     # --- computed ------------------------------------------------------------------------
 
@@ -227,8 +229,8 @@ class SearchState(FilterState):
         settings = get_settings()
         try:
             data = await asyncio.to_thread(webquery.fetch_image, settings, url)
-            results = await asyncio.to_thread(webquery.image_results, settings, data, options, filters)
-            self.preview = await asyncio.to_thread(webquery.preview_data_url, settings, data)
+            vector, self.preview = await asyncio.to_thread(webquery.image_query, settings, data)
+            results = await asyncio.to_thread(webquery.vector_results, settings, vector, options, filters)
         except Exception as exc:
             self._fail(exc)
         else:
@@ -308,8 +310,9 @@ class SearchState(FilterState):
         if not files:
             return
         upload = files[0]
-        data = await upload.read()
-        self._query_bytes = data
+        limit = get_settings().max_upload_bytes
+        data = await upload.read(limit + 1)  # never more than the limit in memory
+        self._query_vector = []
         self.page = 1
         self.q = ""
         self._start("image", upload.name or "your image")
@@ -318,11 +321,19 @@ class SearchState(FilterState):
             yield rx.redirect("/search")  # an address that does not claim to be another query
         else:
             yield
+        try:
+            if len(data) > limit:
+                raise RejectedImage(f"The file is larger than the limit of {limit / 1024 / 1024:.0f} MB.", "too_large")
+            self._query_vector, self.preview = await asyncio.to_thread(webquery.image_query, get_settings(), data)
+        except Exception as exc:
+            self._fail(exc)
+            self.loading = False
+            return
         await self._run_image()
 
     @rx.event
     async def image_page(self, page: int):
-        if not self._query_bytes:
+        if not self._query_vector:
             self.mode = "image"
             self.error = "The image is no longer on the server: give it again to search."
             return
@@ -332,17 +343,17 @@ class SearchState(FilterState):
         await self._run_image()
 
     async def _run_image(self) -> None:
-        settings = get_settings()
-        data = self._query_bytes
         try:
             results = await asyncio.to_thread(
-                webquery.image_results, settings, data, self._options(self.page), self._filter_params()
+                webquery.vector_results,
+                get_settings(),
+                self._query_vector,
+                self._options(self.page),
+                self._filter_params(),
             )
-            if not self.preview:
-                self.preview = await asyncio.to_thread(webquery.preview_data_url, settings, data)
         except Exception as exc:
             self._fail(exc)
-            self._query_bytes = b""
+            self._query_vector = []
         else:
             self._show(results)
         finally:
