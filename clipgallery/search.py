@@ -146,11 +146,10 @@ def search_vector(
         params["max_distance"] = distance_bound(metric, min_similarity)
     if uses_index:
         ef_search = min(MAX_EF_SEARCH, max(settings.hnsw_ef_search, offset + k + 1))
-        session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"), {"ef": str(ef_search)})
-        if _has_iterative_scan(session):
-            # Filters (model, threshold, excluded image) can drop candidates; keep scanning the
-            # graph until the page is full rather than return a short page.
-            session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true)"))
+        # One round trip for both settings. Filters (model, threshold, excluded image) can drop
+        # candidates: the iterative scan keeps searching the graph until the page is full.
+        iterative = ", set_config('hnsw.iterative_scan', 'strict_order', true)" if _has_iterative_scan(session) else ""
+        session.execute(text(f"SELECT set_config('hnsw.ef_search', :ef, true){iterative}"), {"ef": str(ef_search)})
     rows = session.execute(text(sql), params).all()
     hits = [
         SearchHit(
