@@ -51,6 +51,12 @@ def pg_server(tmp_path_factory):
     server.cleanup()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `empty_gallery` need the shared app before anything is added to it: run them first."""
+    first = [item for item in items if item.get_closest_marker("empty_gallery")]
+    items[:] = first + [item for item in items if item not in first]
+
+
 _counter = itertools.count()
 
 

@@ -37,7 +37,12 @@ def test_a_short_mixed_load_run_has_no_errors(app_server, gallery):
 
     app, _ = app_server
     gallery.add_image(jpeg(6001), "load.jpg", "Under load")
-    report = asyncio.run(run_load(f"http://127.0.0.1:{app.port}", clients=6, seconds=4, pause=0.05, mixed=True))
+    # A thread of its own: Playwright's sync API may have left an event loop in this one.
+    from concurrent.futures import ThreadPoolExecutor
+
+    load = run_load(f"http://127.0.0.1:{app.port}", clients=6, seconds=4, pause=0.05, mixed=True)
+    with ThreadPoolExecutor(1) as pool:
+        report = pool.submit(asyncio.run, load).result()
     assert report.errors == 0, report.error_samples
     assert set(report.latencies_ms) == {"text query", "image query", "page load"}
     assert report.requests == sum(len(v) for v in report.latencies_ms.values()) > 20

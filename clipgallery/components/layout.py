@@ -28,7 +28,8 @@ def navbar() -> rx.Component:
             rx.cond(
                 SessionState.logged_in,
                 rx.hstack(
-                    rx.text(SessionState.username, size="2", color_scheme="gray"),
+                    # On a phone the name would push the bar wider than the screen.
+                    rx.text(SessionState.username, size="2", color_scheme="gray", display=["none", "none", "block"]),
                     rx.button("Log out", variant="soft", size="2", on_click=SessionState.logout),
                     align="center",
                     spacing="3",
