@@ -234,3 +234,49 @@ def test_sql_metacharacters_are_just_text(client, seeded):
         response = client.get("/api/search", params={"q": q, "text": q})
         assert response.status_code == 200, response.text
     assert client.get(f"/api/images/{seeded[0]}").status_code == 200
+
+
+PAYLOADS = [
+    "'; DROP TABLE images; --",
+    '" OR "1"="1',
+    "1; SELECT pg_sleep(10)",
+    "%' UNION SELECT password_hash FROM users --",
+    "\\x00\\' \\\\",
+    "$$; DELETE FROM images; $$",
+    "<script>alert(1)</script>",
+    "x" * 10_000,
+    "ʕ•ᴥ•ʔ 🦄 ﷽",
+]
+FIELDS = ["q", "text", "uploader", "format", "added_from", "added_to", "metric", "k", "offset", "min_similarity"]
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_hostile_values_in_every_search_parameter(client, gallery, seeded, field):
+    images_before = gallery.count("images")
+    for payload in PAYLOADS:
+        params = {"q": "anything", field: payload}
+        response = client.get("/api/search", params=params)
+        assert response.status_code in (200, 400, 422), (field, payload[:40], response.status_code, response.text[:200])
+        if response.status_code != 200:
+            assert response.json()["error"]["message"]
+    assert gallery.count("images") == images_before
+    assert client.get("/api/health").json()["database"]["ok"]
+
+
+def test_hostile_values_in_admin_form_fields(client, gallery, admin_token):
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    for n, payload in enumerate(PAYLOADS):
+        data = encode(picture(7000 + n), "PNG")
+        response = client.post(
+            "/api/images",
+            files={"file": (payload[:300] + ".png", data, "image/png")},
+            data={"name": payload[:500], "description": payload},
+            headers=headers,
+        )
+        if len(payload) > 10_000 or not payload.strip():
+            assert response.status_code in (201, 422)
+            continue
+        assert response.status_code == 201, response.text[:300]
+        image = response.json()["image"]
+        assert image["description"] == payload.strip()[:10_000]
+        assert "/" not in image["original_filename"]
