@@ -404,7 +404,20 @@ def quantize_int8(model):
             # open_clip asks the first block's c_fc for the activations' dtype; quantised
             # layers keep no float weight, so say it the way open_clip expects.
             module.mlp.c_fc.int8_original_dtype = torch.float32
+    _release_freed_memory()
     return model
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed fp32 weights back to the operating system: glibc keeps them otherwise, and
+    an int8 process would stay as large as an fp32 one (measured: 1.55 GB -> 1.04 GB RSS)."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def package_model_dir(package: str) -> Path:
