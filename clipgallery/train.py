@@ -286,7 +286,14 @@ def create_lit_model(options: TrainOptions):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     text_dir = text_tower_dir()
     cfg = lit_model_cfg(options, text_dir)
-    model = open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"})
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the unused pooler weights: expected, not news
+    try:
+        model = open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"})
+    finally:
+        hf_logging.set_verbosity(verbosity)
     lock_text_tower(model)
     tokenizer = open_clip.tokenizer.HFTokenizer(str(text_dir), context_length=cfg["text_cfg"]["context_length"])
     # The same transform the loaded model directory gets (see _write_model_dir's preprocess_cfg).
@@ -328,7 +335,7 @@ def create_finetune_model(options: TrainOptions):
         model, _, preprocess = open_clip.create_model_and_transforms(options.base, pretrained=options.pretrained)
         tokenizer = open_clip.get_tokenizer(options.base)
         cfg = open_clip.get_model_config(options.base)
-        preprocess_cfg = None
+        preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))  # the pretrained weights' own
         architecture = options.base
     if not isinstance(model, open_clip.CLIP | open_clip.CustomTextCLIP):
         raise TrainingError(f"{options.base}: only CLIP-style models can be fine-tuned here")
