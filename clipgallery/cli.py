@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--patience", type=int, default=6, help="epochs without a better held-out loss before stopping")
+    p.add_argument("--patience", type=int, default=6, help="epochs without a better held-out loss, in the 2nd half")
     p.add_argument("--val-fraction", type=float, default=0.1, help="of the training images, for early stopping")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     p.add_argument("--seed", type=int, default=0)
