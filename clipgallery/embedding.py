@@ -376,31 +376,56 @@ def _self_attention_module():
     return LinearSelfAttention
 
 
-def quantize_int8(model):
+def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
     """Dynamic int8 quantisation of every Linear layer (weights int8, activations quantised per
     batch at run time; VNNI/AMX kernels on x86). Self-attention projections are first turned into
     Linear layers so they are quantised too. Vectors stay within cos 0.99+ of fp32 (see
-    tests/test_embedding_precision.py and docs/benchmarks.md). CPU only; returns the model."""
+    tests/test_embedding_precision.py and docs/benchmarks.md). CPU only; returns the model.
+
+    `towers`: "image" (the model's `visual`), "text" (everything else). CLIPGALLERY_PRECISION=int8
+    quantises the image tower only: that is where indexing spends its time, while a query's text
+    tower is small, and int8 moved a trained LiT model's MiniLM text vectors too far (top-10
+    overlap with fp32 0.74; docs/benchmarks.md)."""
     import warnings
 
     import open_clip
     import torch
 
+    def chosen(name: str) -> bool:
+        in_image = name == "visual" or name.startswith("visual.")
+        return ("image" in towers and in_image) or ("text" in towers and not in_image)
+
     attention = _self_attention_module()
-    for module in model.modules():
+    for name, module in model.named_modules():
         if (
             isinstance(module, open_clip.transformer.ResidualAttentionBlock)
             and not hasattr(module, "ln_1_kv")  # cross-attention blocks keep nn.MultiheadAttention
             and isinstance(module.attn, torch.nn.MultiheadAttention)
             and module.attn._qkv_same_embed_dim
+            and chosen(name)
         ):
             module.attn = attention(module.attn)
+    # ResNet towers' attention pooling reads its q/k/v Linear layers' weights directly (it never
+    # calls them): those stay in fp32.
+    weight_readers = [
+        name for name, module in model.named_modules() if isinstance(module, open_clip.modified_resnet.AttentionPool2d)
+    ]
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, which is not installed here.
         warnings.simplefilter("ignore")
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        qconfig = torch.ao.quantization.default_dynamic_qconfig
+        targets = {
+            name: qconfig
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and chosen(name)
+            and not any(name.startswith(f"{r}.") for r in weight_readers)
+        }
+        model = torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
     for module in model.modules():
-        if isinstance(module, open_clip.transformer.ResidualAttentionBlock):
+        if isinstance(module, open_clip.transformer.ResidualAttentionBlock) and hasattr(
+            module.mlp.c_fc, "_packed_params"
+        ):
             # open_clip asks the first block's c_fc for the activations' dtype; quantised
             # layers keep no float weight, so say it the way open_clip expects.
             module.mlp.c_fc.int8_original_dtype = torch.float32

@@ -41,11 +41,13 @@ def test_quantize_int8_reaches_every_linear_layer(tiny_model_dir):
     embedder = Embedder(Settings(model_name=str(tiny_model_dir), precision="int8"))
     embedder.load()
     model = embedder._model
-    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
-    plain = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
-    assert plain == []
-    # Idempotent on an already quantised model.
-    quantize_int8(model)
+    visual = model.visual
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in visual.modules())
+    assert [name for name, m in visual.named_modules() if type(m) is torch.nn.Linear] == []
+    # The text tower stays fp32 (query vectors exactly as before) unless asked for.
+    assert any(isinstance(m, torch.nn.MultiheadAttention) for m in model.transformer.modules())
+    quantize_int8(model, towers=("text",))
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
 
 
 def test_int8_vectors_are_close_to_fp32(tiny_model_dir):
@@ -57,7 +59,25 @@ def test_int8_vectors_are_close_to_fp32(tiny_model_dir):
     assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
     assert np.min(np.sum(a * b, axis=1)) >= 0.99
     texts = ["a dog on a beach", "red car", "an old photograph of a church in the snow"]
+    assert np.array_equal(fp32.encode_texts(texts), int8.encode_texts(texts))
+    quantize_int8(int8._model, towers=("text",))
     ta, tb = fp32.encode_texts(texts), int8.encode_texts(texts)
     assert np.min(np.sum(ta * tb, axis=1)) >= 0.99
     # Same model identity: switching precision is not a model change (no re-embed needed).
     assert fp32.identity == int8.identity
+
+
+def test_int8_keeps_resnet_attention_pooling_working(tmp_path):
+    from clipgallery.embedding import create_random_model_dir
+
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    model_dir = create_random_model_dir(tmp_path / "rn", "tiny-rn", cfg, seed=3)
+    fp32 = Embedder(Settings(model_name=str(model_dir)))
+    int8 = Embedder(Settings(model_name=str(model_dir), precision="int8"))
+    images = [picture(seed, (80, 80)) for seed in range(6)]
+    a, b = fp32.encode_images(images), int8.encode_images(images)
+    assert np.min(np.sum(a * b, axis=1)) >= 0.99
