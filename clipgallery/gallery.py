@@ -4,7 +4,6 @@ image records (get, list, update, delete) and a status summary for health checks
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -32,16 +31,8 @@ class NotFoundError(LookupError):
 
 # --- model registry --------------------------------------------------------------------------
 
-_model_ids: dict[tuple[str, ModelIdentity], int] = {}
-_model_ids_lock = threading.Lock()
-
-
 def register_model(session: Session, identity: ModelIdentity) -> int:
     """The embedding_models id for this identity, created on first use."""
-    key = (str(session.get_bind().url), identity)
-    with _model_ids_lock:
-        if key in _model_ids:
-            return _model_ids[key]
     row = session.execute(
         text(
             "INSERT INTO embedding_models (architecture, weights, dimension) VALUES (:a, :w, :d) "
@@ -50,8 +41,6 @@ def register_model(session: Session, identity: ModelIdentity) -> int:
         {"a": identity.architecture, "w": identity.weights, "d": identity.dimension},
     ).scalar_one()
     session.commit()
-    with _model_ids_lock:
-        _model_ids[key] = row
     return row
 
 
@@ -98,11 +87,21 @@ def gallery_model_id(session: Session, embedder: Embedder) -> int:
     compares vectors of two models and an ingest never adds a second model's vectors.
     """
     identity = embedder.identity
-    dimension = vector_column_dimension(session)
-    if (
-        dimension != identity.dimension
-        and not session.execute(text("SELECT EXISTS (SELECT FROM image_embeddings)")).scalar()
-    ):
+    # One round trip on every search, each part an index or catalogue lookup: min/max of an
+    # indexed column are read from the ends of the index, whatever the table's size.
+    state = session.execute(
+        text(
+            "SELECT (SELECT atttypmod FROM pg_attribute "
+            "        WHERE attrelid = 'image_embeddings'::regclass AND attname = 'embedding') AS dimension, "
+            "       (SELECT id FROM embedding_models WHERE architecture = :a AND weights = :w) AS model_id, "
+            "       (SELECT min(model_id) FROM image_embeddings) AS lowest, "
+            "       (SELECT max(model_id) FROM image_embeddings) AS highest"
+        ),
+        {"a": identity.architecture, "w": identity.weights},
+    ).one()
+    dimension = state.dimension if state.dimension and state.dimension > 0 else None
+    has_vectors = state.lowest is not None
+    if dimension != identity.dimension and not has_vectors:
         # An empty gallery simply adopts the configured model's dimension: nothing to re-embed.
         set_vector_dimension(session, embedder.settings, identity.dimension)
         dimension = identity.dimension
@@ -112,12 +111,9 @@ def gallery_model_id(session: Session, embedder: Embedder) -> int:
             f"{identity.dimension}-d vectors. Run `{REEMBED_COMMAND}` to re-embed every image with the "
             "configured model, or configure the model the gallery was built with."
         )
-    model_id = register_model(session, identity)
-    # Cheap on every call: an index lookup that stops at the first foreign vector.
-    foreign = session.execute(
-        text("SELECT model_id FROM image_embeddings WHERE model_id <> :id LIMIT 1"), {"id": model_id}
-    ).scalar()
-    if foreign is not None:
+    model_id = state.model_id if state.model_id is not None else register_model(session, identity)
+    foreign = has_vectors and not (state.lowest == state.highest == model_id)
+    if foreign:
         others = ", ".join(
             f"{m.architecture} / {m.weights} ({count} images)" for m, count in foreign_models(session, model_id)
         )
