@@ -23,7 +23,7 @@ $(PY):
 	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
 	  echo "Could not create $(VENV); on Debian/Ubuntu: apt-get install python3-venv" >&2; exit 1; }
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml | $(PY)
+$(STAMP): requirements.txt requirements-dev.txt requirements-bench.txt pyproject.toml | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
