@@ -7,6 +7,7 @@ Interactive documentation: /api/docs (OpenAPI schema at /api/openapi.json).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +48,62 @@ api = FastAPI(
     redoc_url=None,
     openapi_url="/api/openapi.json",
 )
+
+
+class BodyLimit:
+    """Refuse request bodies over the upload limit before they are parsed (413), whether the
+    client announces the size (Content-Length) or streams it; multipart parsing would otherwise
+    spool any size to disk first."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # The largest legitimate body: one image at the limit plus the multipart envelope.
+        limit = get_settings().max_upload_bytes + 64 * 1024
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(send, limit)
+            return
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send)
+        except _BodyTooLarge:
+            await _too_large(send, limit)
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    # An HTTPException, because FastAPI turns any other error while reading a body into a 400.
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request is larger than {limit} bytes.")
+
+
+async def _too_large(send, limit: int) -> None:
+    body = json.dumps(_error_body(413, "request_too_large", f"The request is larger than {limit} bytes.")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+api.add_middleware(BodyLimit)
 
 
 @api.exception_handler(ApiError)

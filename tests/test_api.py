@@ -280,3 +280,21 @@ def test_hostile_values_in_admin_form_fields(client, gallery, admin_token):
         image = response.json()["image"]
         assert image["description"] == payload.strip()[:10_000]
         assert "/" not in image["original_filename"]
+
+
+def test_streamed_oversized_bodies_are_refused(client):
+    """No Content-Length (chunked): the body is counted as it arrives and cut off at the limit."""
+
+    def stream():
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+        yield b"Content-Type: image/jpeg\r\n\r\n"
+        chunk = b"0" * (1024 * 1024)
+        for _ in range(40):  # 40 MB, over the 30 MB upload limit
+            yield chunk
+        yield b"\r\n--x--\r\n"
+
+    streamed = client.post(
+        "/api/search/image", content=stream(), headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
+    assert streamed.status_code == 413, streamed.text[:300]
+    assert streamed.json()["error"]["status"] == 413
