@@ -113,9 +113,13 @@ async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
-        exc.status_code, "error"
-    )
+    code = {
+        401: "unauthorized",
+        403: "forbidden",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "request_too_large",
+    }.get(exc.status_code, "error")
     return JSONResponse(_error_body(exc.status_code, code, str(exc.detail)), exc.status_code, headers=exc.headers)
 
 
