@@ -42,10 +42,6 @@ def node_bin_dir() -> Path:
     return NODE_PREFIX / "node_modules" / f"node-{system}-{arch}" / "bin"
 
 
-def default_workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 4))
-
-
 def reflex_env(database_url: str, settings: Settings | None = None) -> dict[str, str]:
     """Environment for a `reflex` subprocess serving this app.
 
@@ -64,10 +60,6 @@ def reflex_env(database_url: str, settings: Settings | None = None) -> dict[str,
     env["REFLEX_TELEMETRY_ENABLED"] = "false"
     env["REFLEX_CHECK_LATEST_VERSION"] = "0"
     env.setdefault("PYTHONUNBUFFERED", "1")
-    # Reflex starts 2 x cores + 1 backend workers; each loads the CLIP model (~1.4 GB) and runs
-    # it on every core. One per core (at most 4) halved image-query latency and memory under
-    # load on 2 cores (docs/reliability.md). GRANIAN_WORKERS still overrides.
-    env.setdefault("GRANIAN_WORKERS", str(default_workers()))
     if settings is not None:
         env["REFLEX_UPLOADED_FILES_DIR"] = str(settings.state_dir / "reflex-uploads")
     return env
