@@ -252,11 +252,16 @@ class Hit(BaseModel):
     width: int
     height: int
     mime_type: str
+    score: float | None = Field(
+        default=None, description="hybrid search: the reciprocal-rank-fusion score results are ordered by"
+    )
+    text_match: bool = Field(default=False, description="hybrid search: the name or description matched the words")
 
 
 class SearchResult(BaseModel):
     metric: str
     exact: bool = Field(description="True: exact sequential scan; False: HNSW index")
+    hybrid: bool = Field(default=False, description="True: vector ranking fused with full-text search")
     k: int
     offset: int
     has_more: bool
@@ -309,6 +314,7 @@ def _page(page) -> SearchResult:
     return SearchResult(
         metric=page.metric,
         exact=page.exact,
+        hybrid=page.hybrid,
         k=page.k,
         offset=page.offset,
         has_more=page.has_more,
@@ -378,12 +384,17 @@ def search_by_text(
     q: Annotated[str, Query(min_length=1, max_length=1000, description="what to look for")],
     options: Annotated[SearchOptions, Depends()],
     settings: Annotated[Settings, Depends(reader)],
+    hybrid: Annotated[
+        bool | None,
+        Query(description="fuse with full-text search over names and descriptions (default: the server's setting)"),
+    ] = None,
 ) -> SearchResult:
-    """Images matching words, most similar first."""
+    """Images matching words: by default the vector ranking fused with full-text search over names
+    and descriptions (hybrid); `hybrid=false` for the vector ranking alone."""
     from clipgallery.search import search_text
 
     with translate_errors(), _session(settings) as session:
-        return _page(search_text(session, _embedder(settings), q, **options.options))
+        return _page(search_text(session, _embedder(settings), q, hybrid=hybrid, **options.options))
 
 
 @api.post("/api/search/image", response_model=SearchResult, tags=["search"])
@@ -507,6 +518,79 @@ def remove_image(image_id: int, caller: Annotated[tuple, Depends(admin)]) -> Non
     with translate_errors(), _session(settings) as session:
         if delete_images(session, Storage(settings.upload_dir), [image_id]) == 0:
             raise ApiError(404, "not_found", f"No image with id {image_id}.")
+
+
+class DuplicateImageOut(BaseModel):
+    id: int
+    name: str
+    distance: float = Field(description="cosine distance to the closest other image of the group")
+    similarity: float
+    width: int
+    height: int
+    byte_size: int
+    mime_type: str
+    created_at: str | None
+    thumbnail_url: str
+    original_url: str
+    page_url: str
+    keep: bool = Field(description="the suggested image to keep: most pixels, then the oldest")
+
+
+class DuplicateGroupOut(BaseModel):
+    distance: float = Field(description="largest cosine distance linking the group")
+    similarity: float
+    closest_distance: float
+    keep: int
+    images: list[DuplicateImageOut]
+
+
+class DuplicatesResult(BaseModel):
+    max_distance: float
+    min_similarity: float
+    groups: list[DuplicateGroupOut]
+
+
+@api.get("/api/admin/duplicates", response_model=DuplicatesResult, tags=["admin"])
+def near_duplicates(
+    caller: Annotated[tuple, Depends(admin)],
+    max_distance: Annotated[float | None, Query(ge=0, le=1, description="cosine distance (1 - similarity)")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=10_000, description="at most this many groups")] = None,
+) -> DuplicatesResult:
+    """Groups of near-duplicate images (admin), tightest first, each with a suggested keeper."""
+    from clipgallery.duplicates import find_near_duplicate_groups, stored_model_id
+
+    settings, _user = caller
+    threshold = settings.duplicate_distance if max_distance is None else max_distance
+    with translate_errors(), _session(settings) as session:
+        groups = find_near_duplicate_groups(
+            session, settings, stored_model_id(session, settings), threshold, limit_groups=limit
+        )
+    return DuplicatesResult(
+        max_distance=threshold,
+        min_similarity=1.0 - threshold,
+        groups=[
+            DuplicateGroupOut(
+                distance=group.distance,
+                similarity=group.similarity,
+                closest_distance=group.closest_distance,
+                keep=group.keep_id,
+                images=[
+                    DuplicateImageOut(
+                        **{k: getattr(image, k) for k in ("id", "name", "distance", "similarity", "width", "height")},
+                        byte_size=image.byte_size,
+                        mime_type=image.mime_type,
+                        created_at=image.created_at.isoformat() if image.created_at else None,
+                        thumbnail_url=image.thumbnail_url,
+                        original_url=image.original_url,
+                        page_url=f"/image/{image.id}",
+                        keep=image.id == group.keep_id,
+                    )
+                    for image in group.images
+                ],
+            )
+            for group in groups
+        ],
+    )
 
 
 # --- routes: health and files ----------------------------------------------------------------

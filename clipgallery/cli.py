@@ -20,6 +20,8 @@ def _print_page(page, title: str) -> None:
 
     console = Console()
     how = "exact scan" if page.exact else "HNSW index"
+    if page.hybrid:
+        how += " + full-text (hybrid; * = words matched)"
     table = Table(title=f"{title}  ·  {page.metric}, {how}", title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("id", justify="right")
@@ -29,7 +31,8 @@ def _print_page(page, title: str) -> None:
     table.add_column("description", overflow="fold", max_width=60)
     for rank, hit in enumerate(page.hits, start=page.offset + 1):
         similarity = "" if hit.similarity is None else f"{hit.similarity:.3f}"
-        table.add_row(str(rank), str(hit.id), similarity, f"{hit.distance:.4f}", hit.name, hit.description)
+        name = f"* {hit.name}" if hit.text_match else hit.name
+        table.add_row(str(rank), str(hit.id), similarity, f"{hit.distance:.4f}", name, hit.description)
     console.print(table)
     if not page.hits:
         console.print("no matches" if page.offset == 0 else "no more matches")
@@ -58,7 +61,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
             page = search_similar(session, embedder, args.similar, **options)
             title = f"more like image {args.similar}"
         elif args.query:
-            page = search_text(session, embedder, " ".join(args.query), **options)
+            page = search_text(session, embedder, " ".join(args.query), hybrid=args.hybrid, **options)
             title = f"“{' '.join(args.query)}”"
         else:
             raise SystemExit("error: give search words, --image FILE or --similar ID")
@@ -164,6 +167,100 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"model:    {'ok' if status.model_ok else 'unavailable'} — {status.model_detail}")
     print(f"images:   {status.image_count}")
     return 0 if status.database_ok and status.model_ok else 1
+
+
+def cmd_duplicates(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+    import time
+
+    from clipgallery import db
+    from clipgallery.duplicates import find_near_duplicate_groups, similarity_to_distance, stored_model_id
+
+    if args.min_similarity is not None:
+        max_distance = similarity_to_distance(args.min_similarity)
+    else:
+        max_distance = settings.duplicate_distance if args.threshold is None else args.threshold
+    started = time.perf_counter()
+    with db.session_scope(settings) as session:
+        model_id = stored_model_id(session, settings)
+        groups = find_near_duplicate_groups(
+            session,
+            settings,
+            model_id,
+            max_distance,
+            limit_groups=args.limit,
+            neighbours=args.neighbours,
+            ef_search=args.ef_search,
+        )
+    seconds = time.perf_counter() - started
+    if args.json:
+        out = {
+            "max_distance": max_distance,
+            "min_similarity": 1.0 - max_distance,
+            "seconds": round(seconds, 3),
+            "groups": [
+                {
+                    "distance": group.distance,
+                    "similarity": group.similarity,
+                    "closest_distance": group.closest_distance,
+                    "keep": group.keep_id,
+                    "images": [
+                        {
+                            "id": image.id,
+                            "name": image.name,
+                            "distance": image.distance,
+                            "similarity": image.similarity,
+                            "width": image.width,
+                            "height": image.height,
+                            "byte_size": image.byte_size,
+                            "mime_type": image.mime_type,
+                            "created_at": image.created_at.isoformat() if image.created_at else None,
+                            "thumbnail_url": image.thumbnail_url,
+                            "original_url": image.original_url,
+                            "keep": image.id == group.keep_id,
+                        }
+                        for image in group.images
+                    ],
+                }
+                for group in groups
+            ],
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    title = f"near-duplicates: similarity ≥ {1.0 - max_distance:.3f} (cosine distance ≤ {max_distance:.4f})"
+    table = Table(title=title, title_justify="left")
+    table.add_column("group", justify="right")
+    table.add_column("id", justify="right")
+    table.add_column("similarity", justify="right")
+    table.add_column("pixels", justify="right")
+    table.add_column("added")
+    table.add_column("name")
+    table.add_column("suggestion")
+    for number, group in enumerate(groups, start=1):
+        for image in group.images:
+            table.add_row(
+                str(number) if image.id == group.keep_id else "",
+                str(image.id),
+                f"{image.similarity:.4f}",
+                f"{image.width}×{image.height}",
+                f"{image.created_at:%Y-%m-%d %H:%M}" if image.created_at else "",
+                image.name,
+                "keep" if image.id == group.keep_id else "duplicate",
+                end_section=image is group.images[-1],
+            )
+    console.print(table)
+    if not groups:
+        console.print(f"no near-duplicates ({seconds:.1f} s)")
+        return 0
+    images = sum(len(group.images) for group in groups)
+    cut = f" (the first {args.limit})" if args.limit is not None and len(groups) == args.limit else ""
+    console.print(f"{len(groups)} group{'s' if len(groups) != 1 else ''}{cut}, {images} images, in {seconds:.1f} s")
+    return 0
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -366,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-similarity", type=float, default=None)
     p.add_argument("--metric", choices=["cosine", "l2", "ip", "l1"], default=None)
     p.add_argument("--exact", action="store_true", help="exact sequential scan instead of the HNSW index")
+    p.add_argument(
+        "--hybrid",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fuse words with full-text search over names and descriptions (default: CLIPGALLERY_HYBRID_SEARCH)",
+    )
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("reembed", help="compute vectors with the configured model (after a model change)")
@@ -454,6 +557,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("status", help="database and model health").set_defaults(func=cmd_status)
     sub.add_parser("config", help="print the settings in force").set_defaults(func=cmd_config)
+
+    p = sub.add_parser("duplicates", help="list groups of near-duplicate images (by their vectors)")
+    threshold = p.add_mutually_exclusive_group()
+    threshold.add_argument(
+        "--threshold", type=float, metavar="D", help="largest cosine distance (default CLIPGALLERY_DUPLICATE_DISTANCE)"
+    )
+    threshold.add_argument("--min-similarity", type=float, metavar="S", help="smallest similarity, i.e. 1 - D")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N groups, tightest first")
+    p.add_argument("--neighbours", type=int, default=10, help="nearest images compared with each image")
+    p.add_argument("--ef-search", type=int, help="HNSW search breadth per image (default CLIPGALLERY_HNSW_EF_SEARCH)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_duplicates)
 
     p = sub.add_parser("train", help="train a model on your own images and captions (writes a model directory)")
     p.add_argument("source", nargs="?", help="labels CSV, captions CSV (--captions) or folder of class folders")

@@ -9,6 +9,7 @@ from clipgallery.api import api
 from clipgallery.config import get_settings
 from clipgallery.pages import (
     admin_common,
+    admin_duplicates,
     admin_jobs,
     admin_manage,
     admin_upload,
@@ -68,6 +69,12 @@ app.add_page(
     route="/admin/jobs",
     title="Index & re-embed · clipgallery",
     on_load=admin_common.admin_on_load(),
+)
+app.add_page(
+    admin_duplicates.admin_duplicates,
+    route="/admin/duplicates",
+    title="Near-duplicates · clipgallery",
+    on_load=admin_common.admin_on_load(admin_duplicates.DuplicatesState.load),
 )
 app.add_page(
     admin_users.admin_users,

@@ -39,6 +39,17 @@ def _env_int(name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+def _env_float(name: str, default: float, minimum: float, maximum: float) -> float:
+    raw = _env(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
 def _env_bool(name: str, default: bool) -> bool:
     raw = _env(name, "1" if default else "0").lower()
     if raw in ("1", "true", "yes", "on"):
@@ -73,6 +84,9 @@ class Settings:
     pretrained: str = "laion2b_s34b_b79k"
     model_preload: bool = True
     torch_threads: int = 0  # 0: one per core
+    # Threads for one query's forward pass (a text, or one image); 0: torch_threads. See
+    # Embedder._forward_pass for why one is the default.
+    query_threads: int = 1
     embed_batch_size: int = 32
     precision: str = "fp32"  # "int8": dynamic int8 quantisation of the Linear layers (faster on CPUs)
 
@@ -87,6 +101,18 @@ class Settings:
     hnsw_ef_search: int = 40
     default_k: int = 20
     max_k: int = 500
+
+    # Near-duplicates (`clipgallery duplicates`, /admin/duplicates): the largest cosine distance
+    # (1 - similarity) between two images that count as near copies of each other.
+    duplicate_distance: float = 0.05
+    # Hybrid text search: PostgreSQL full-text search over names and descriptions fused with the
+    # vector ranking by reciprocal rank fusion (docs/quality.md#hybrid-search). Each side
+    # contributes its best `hybrid_depth` images (at least the page being asked for).
+    hybrid_search: bool = True
+    hybrid_depth: int = 40
+    rrf_k: int = 60
+    # Words found in more than this share of all images are left out of the keyword side.
+    hybrid_common_fraction: float = 0.2
 
     # Search by image URL. TEST-ONLY escape hatch: hosts (as written in URLs, e.g. "127.0.0.1")
     # whose addresses skip the public-address check, so tests can fetch from loopback servers.
@@ -157,6 +183,7 @@ def load_settings() -> Settings:
         pretrained=_env("CLIPGALLERY_PRETRAINED", defaults.pretrained),
         model_preload=_env_bool("CLIPGALLERY_MODEL_PRELOAD", defaults.model_preload),
         torch_threads=_env_int("CLIPGALLERY_TORCH_THREADS", defaults.torch_threads, 0),
+        query_threads=_env_int("CLIPGALLERY_QUERY_THREADS", defaults.query_threads, 0),
         embed_batch_size=_env_int("CLIPGALLERY_EMBED_BATCH_SIZE", defaults.embed_batch_size, 1),
         precision=_env("CLIPGALLERY_PRECISION", defaults.precision).lower(),
         session_hours=_env_int("CLIPGALLERY_SESSION_HOURS", defaults.session_hours, 1),
@@ -167,6 +194,13 @@ def load_settings() -> Settings:
         hnsw_ef_search=_env_int("CLIPGALLERY_HNSW_EF_SEARCH", defaults.hnsw_ef_search, 1),
         default_k=_env_int("CLIPGALLERY_DEFAULT_K", defaults.default_k, 1),
         max_k=_env_int("CLIPGALLERY_MAX_K", defaults.max_k, 1),
+        duplicate_distance=_env_float("CLIPGALLERY_DUPLICATE_DISTANCE", defaults.duplicate_distance, 0.0, 1.0),
+        hybrid_search=_env_bool("CLIPGALLERY_HYBRID_SEARCH", defaults.hybrid_search),
+        hybrid_depth=_env_int("CLIPGALLERY_HYBRID_DEPTH", defaults.hybrid_depth, 1),
+        rrf_k=_env_int("CLIPGALLERY_RRF_K", defaults.rrf_k, 1),
+        hybrid_common_fraction=_env_float(
+            "CLIPGALLERY_HYBRID_COMMON_FRACTION", defaults.hybrid_common_fraction, 0.0, 1.0
+        ),
         fetch_allow_hosts=frozenset(
             h.strip().lower() for h in _env("CLIPGALLERY_FETCH_ALLOW_HOSTS", "").split(",") if h.strip()
         ),

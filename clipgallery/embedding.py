@@ -15,7 +15,8 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -261,11 +262,29 @@ class Embedder:
         self.load()
         return self._preprocess(image)
 
+    @contextmanager
+    def _forward_pass(self, batch_size: int) -> Iterator[None]:
+        """One forward pass at a time; a single query (batch of one) runs on `query_threads`
+        threads. Splitting one short query over both cores gains little on an idle machine and,
+        while other work runs, loses 5-10x to threads waiting for each other (docs/benchmarks.md)."""
+        import torch
+
+        with self._infer_lock, torch.inference_mode():
+            threads = torch.get_num_threads()
+            narrow = batch_size == 1 and 0 < self.settings.query_threads < threads
+            if narrow:
+                torch.set_num_threads(self.settings.query_threads)
+            try:
+                yield
+            finally:
+                if narrow:
+                    torch.set_num_threads(threads)
+
     def encode_preprocessed(self, batch: torch.Tensor) -> np.ndarray:
         import torch
 
         self.load()
-        with self._infer_lock, torch.inference_mode():
+        with self._forward_pass(len(batch)):
             features = self._model.encode_image(batch)
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
@@ -284,7 +303,7 @@ class Embedder:
 
         self.load()
         tokens = self._tokenizer(list(texts))
-        with self._infer_lock, torch.inference_mode():
+        with self._forward_pass(len(tokens)):
             features = encode_text_to_end_token(self._model, tokens)
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)

@@ -8,7 +8,20 @@ from __future__ import annotations
 from datetime import datetime
 
 from pgvector.sqlalchemy import Vector
-from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Computed,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import TSVECTOR
 from sqlmodel import Field, SQLModel
 
 HNSW_OPCLASS = {"cosine": "vector_cosine_ops", "l2": "vector_l2_ops", "ip": "vector_ip_ops", "l1": "vector_l1_ops"}
@@ -16,6 +29,12 @@ METRIC_OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>", "l1": "<+>"}
 HNSW_INDEX_NAME = "image_embeddings_embedding_hnsw"
 # Wider vectors do not fit in a heap page: PostgreSQL must TOAST them.
 MAX_IN_ROW_DIMENSION = 1900
+# Full-text search document of an image: English stemming, the name weighted above the description.
+# A fixed text search configuration: a generated column needs an immutable expression.
+SEARCH_DOCUMENT_SQL = (
+    "setweight(to_tsvector('english', name), 'A') || setweight(to_tsvector('english', description), 'B')"
+)
+SEARCH_DOCUMENT_INDEX_NAME = "images_search_document_gin"
 # Used when the configured model cannot be resolved at the first migration: ViT-B-32's width.
 # An empty gallery adopts the real model's dimension on first use.
 DEFAULT_DIMENSION = 512
@@ -77,7 +96,10 @@ class EmbeddingModel(SQLModel, table=True):
 
 class Image(SQLModel, table=True):
     __tablename__ = "images"
-    __table_args__ = {"comment": "One row per distinct image file (by content). Files live under uploaded_files/."}
+    __table_args__ = (
+        Index(SEARCH_DOCUMENT_INDEX_NAME, "search_document", postgresql_using="gin"),
+        {"comment": "One row per distinct image file (by content). Files live under uploaded_files/."},
+    )
 
     id: int | None = Field(default=None, primary_key=True, sa_column_kwargs={"comment": "Image id"})
     sha256: str = Field(
@@ -113,6 +135,15 @@ class Image(SQLModel, table=True):
     )
     created_at: datetime | None = Field(default=None, sa_column=_now_column("When the image was added"))
     updated_at: datetime | None = Field(default=None, sa_column=_now_column("Last change of the row", onupdate=True))
+    search_document: str | None = Field(
+        default=None,
+        sa_column=Column(
+            TSVECTOR,
+            Computed(SEARCH_DOCUMENT_SQL, persisted=True),
+            comment="Full-text search document (generated from name and description; GIN-indexed): "
+            "search_document @@ websearch_to_tsquery('english', 'words')",
+        ),
+    )
 
 
 class ImageEmbedding(SQLModel, table=True):

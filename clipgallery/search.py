@@ -9,6 +9,7 @@ inner product therefore rank identically; L1 does not, and has no similarity (No
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,10 @@ class SearchHit:
     width: int
     height: int
     mime_type: str
+    # Hybrid search only: the reciprocal-rank-fusion score the page is ordered by, and whether
+    # the name or description matched the query's words.
+    score: float | None = None
+    text_match: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class SearchPage:
     offset: int
     has_more: bool
     exact: bool  # True: sequential scan (exact); False: HNSW index (approximate)
+    hybrid: bool = False  # True: fused with full-text search over names and descriptions
 
 
 def similarity_from_distance(metric: str, distance: float) -> float | None:
@@ -89,25 +95,112 @@ def _validate(settings: Settings, k: int, offset: int, metric: str, min_similari
         distance_bound(metric, min_similarity)
 
 
-def search_sql(
-    metric: str, uses_index: bool, with_threshold: bool, with_exclude: bool, extra_conditions: Sequence[str] = ()
-) -> str:
-    """The one statement behind every search (exposed so tests and docs can EXPLAIN it)."""
-    operator = METRIC_OPERATORS[metric]
+def _distance_and_conditions(
+    metric: str, uses_index: bool, with_threshold: bool, with_exclude: bool, extra_conditions: Sequence[str]
+) -> tuple[str, str]:
+    """The distance expression and the WHERE clause shared by plain and hybrid search."""
     # `+ 0` makes the ordering expression one no index can serve: an exact, sequential scan.
-    distance_sql = f"(e.embedding {operator} :query)" + ("" if uses_index else " + 0")
+    distance_sql = f"(e.embedding {METRIC_OPERATORS[metric]} :query)" + ("" if uses_index else " + 0")
     conditions = ["e.model_id = :model_id"]
     if with_exclude:
         conditions.append("e.image_id <> :exclude")
     if with_threshold:
         conditions.append(f"{distance_sql} <= :max_distance")
     conditions.extend(extra_conditions)
+    return distance_sql, " AND ".join(conditions)
+
+
+def search_sql(
+    metric: str, uses_index: bool, with_threshold: bool, with_exclude: bool, extra_conditions: Sequence[str] = ()
+) -> str:
+    """The one statement behind every search (exposed so tests and docs can EXPLAIN it)."""
+    distance_sql, where = _distance_and_conditions(metric, uses_index, with_threshold, with_exclude, extra_conditions)
     return (
         "SELECT i.id, i.name, i.description, i.thumbnail_path, i.stored_path, i.width, i.height, i.mime_type, "
         f"{distance_sql} AS distance "
         "FROM image_embeddings e JOIN images i ON i.id = e.image_id "
-        f"WHERE {' AND '.join(conditions)} "
+        f"WHERE {where} "
         "ORDER BY distance, i.id LIMIT :limit OFFSET :offset"
+    )
+
+
+# The keyword side ranks at most this many matching images. A word found in a large share of a big
+# gallery says little about any one image, and ranking all its matches would cost more than the
+# whole vector search (docs/benchmarks.md); rarer words keep every match.
+KEYWORD_SCAN_LIMIT = 1000
+# Words of a query, for the keyword side of hybrid search. At most 32: the rest adds nothing.
+_WORD = re.compile(r"\w+")
+MAX_KEYWORDS = 32
+
+# The query's words as a tsquery: English stemming and stop words (to_tsvector), OR-ed (so "a
+# photo of a red dress" still matches "Red Dress", and images matching more words rank higher),
+# without the words that occur in more than :common_fraction of all images. Those come from
+# PostgreSQL's own statistics of the column (pg_stats.most_common_elems, kept by ANALYZE and
+# autovacuum): like a search engine's stop words, but learnt from the gallery ("men" in a fashion
+# catalogue), and they would otherwise make the keyword side both slower and noisier. Without
+# statistics (a gallery never analysed) no word is dropped. Lexemes are passed as quoted literals
+# to to_tsquery('simple'), so no character of the query acts as tsquery syntax.
+WORDS_CTE_SQL = (
+    "common_words AS ("
+    "SELECT c.word FROM pg_stats s, "
+    "unnest(s.most_common_elems::text::text[], s.most_common_elem_freqs) AS c(word, frequency) "
+    "WHERE s.schemaname = current_schema() AND s.tablename = 'images' AND s.attname = 'search_document' "
+    "AND c.word IS NOT NULL AND c.frequency > :common_fraction), "
+    "words AS ("
+    "SELECT coalesce(to_tsquery('simple', string_agg(chr(39) || w.lexeme || chr(39), ' | ')), ''::tsquery) "
+    "AS query "
+    "FROM unnest(to_tsvector('english', :keywords)) AS w "
+    "WHERE strpos(w.lexeme, chr(39)) = 0 AND strpos(w.lexeme, chr(92)) = 0 "
+    "AND w.lexeme NOT IN (SELECT word FROM common_words))"
+)
+
+
+def keyword_query(query: str) -> str | None:
+    """The words of a query for the keyword side of hybrid search (at most MAX_KEYWORDS, as
+    plain text: `WORDS_CTE_SQL` turns them into a tsquery), or None without any word."""
+    words = _WORD.findall(query.lower())[:MAX_KEYWORDS]
+    return " ".join(words) or None
+
+
+def hybrid_search_sql(
+    metric: str, uses_index: bool, with_threshold: bool, with_exclude: bool, extra_conditions: Sequence[str] = ()
+) -> str:
+    """Hybrid search in one statement: reciprocal rank fusion of the vector ranking and the
+    full-text ranking over names and descriptions (score = sum over both of 1 / (rrf_k + rank)).
+
+    Each side ranks its best :depth images; an image found by one side only gets that side's
+    term. The keyword side reads only `images` (filters and the excluded image apply there; the
+    model and the similarity threshold apply to every fused row): joining each match to its vector
+    would cost more than the ranking. Ties go to the nearer vector, then the lower id."""
+    distance_sql, where = _distance_and_conditions(metric, uses_index, with_threshold, with_exclude, extra_conditions)
+    operator = METRIC_OPERATORS[metric]
+    keyword_where = " AND ".join(["i.search_document @@ words.query", *extra_conditions])
+    if with_exclude:
+        keyword_where += " AND i.id <> :exclude"
+    final_where = f"WHERE (e.embedding {operator} :query) <= :max_distance " if with_threshold else ""
+    return (
+        "WITH semantic AS ("
+        f"SELECT e.image_id AS id, {distance_sql} AS distance "
+        f"FROM image_embeddings e JOIN images i ON i.id = e.image_id WHERE {where} "
+        "ORDER BY distance, e.image_id LIMIT :depth), "
+        "semantic_ranked AS (SELECT id, row_number() OVER (ORDER BY distance, id) AS rank FROM semantic), "
+        f"{WORDS_CTE_SQL}, "
+        "keyword_matches AS ("
+        f"SELECT i.id, i.search_document FROM images i, words WHERE {keyword_where} LIMIT :keyword_scan), "
+        "keyword AS ("
+        "SELECT m.id, row_number() OVER (ORDER BY ts_rank_cd(m.search_document, words.query) DESC, m.id) AS rank "
+        "FROM keyword_matches m, words ORDER BY rank LIMIT :depth), "
+        "fused AS ("
+        "SELECT coalesce(s.id, k.id) AS id, "
+        "coalesce(1.0 / (:rrf_k + s.rank), 0) + coalesce(1.0 / (:rrf_k + k.rank), 0) AS score, "
+        "k.rank IS NOT NULL AS text_match "
+        "FROM semantic_ranked s FULL OUTER JOIN keyword k ON k.id = s.id) "
+        "SELECT i.id, i.name, i.description, i.thumbnail_path, i.stored_path, i.width, i.height, i.mime_type, "
+        f"(e.embedding {operator} :query) AS distance, f.score, f.text_match "
+        "FROM fused f JOIN images i ON i.id = f.id "
+        "JOIN image_embeddings e ON e.image_id = f.id AND e.model_id = :model_id "
+        f"{final_where}"
+        "ORDER BY f.score DESC, distance, i.id LIMIT :limit OFFSET :offset"
     )
 
 
@@ -123,8 +216,12 @@ def search_vector(
     exact: bool = False,
     exclude_image_id: int | None = None,
     filters: ImageFilters | None = None,
+    keywords: str | None = None,
 ) -> SearchPage:
-    """Nearest stored images to `vector` (made by model `model_id`), optionally filtered."""
+    """Nearest stored images to `vector` (made by model `model_id`), optionally filtered.
+
+    With `keywords` (the query's words, see `keyword_query`) the ranking is hybrid: the vector
+    ranking fused with full-text search over names and descriptions (`hybrid_search_sql`)."""
     metric = metric or settings.index_metric
     _validate(settings, k, offset, metric, min_similarity)
     uses_index = metric == settings.index_metric and not exact
@@ -132,7 +229,8 @@ def search_vector(
         filter_sql, filter_params = (filters or ImageFilters()).conditions()
     except ValueError as exc:
         raise InvalidQuery(str(exc)) from None
-    sql = search_sql(metric, uses_index, min_similarity is not None, exclude_image_id is not None, filter_sql)
+    shape = (metric, uses_index, min_similarity is not None, exclude_image_id is not None, filter_sql)
+    sql = hybrid_search_sql(*shape) if keywords else search_sql(*shape)
     params: dict = {
         "query": np.asarray(vector, dtype=np.float32),
         "model_id": model_id,
@@ -144,8 +242,18 @@ def search_vector(
         params["exclude"] = exclude_image_id
     if min_similarity is not None:
         params["max_distance"] = distance_bound(metric, min_similarity)
+    depth = offset + k + 1
+    if keywords:
+        depth = max(settings.hybrid_depth, depth)
+        params.update(
+            keywords=keywords,
+            depth=depth,
+            rrf_k=settings.rrf_k,
+            keyword_scan=KEYWORD_SCAN_LIMIT,
+            common_fraction=settings.hybrid_common_fraction,
+        )
     if uses_index:
-        ef_search = min(MAX_EF_SEARCH, max(settings.hnsw_ef_search, offset + k + 1))
+        ef_search = min(MAX_EF_SEARCH, max(settings.hnsw_ef_search, depth))
         # One round trip for both settings. Filters (model, threshold, excluded image) can drop
         # candidates: the iterative scan keeps searching the graph until the page is full.
         iterative = ", set_config('hnsw.iterative_scan', 'strict_order', true)" if _has_iterative_scan(session) else ""
@@ -163,10 +271,20 @@ def search_vector(
             width=row.width,
             height=row.height,
             mime_type=row.mime_type,
+            score=float(row.score) if keywords else None,
+            text_match=bool(row.text_match) if keywords else False,
         )
         for row in rows[:k]
     ]
-    return SearchPage(hits=hits, metric=metric, k=k, offset=offset, has_more=len(rows) > k, exact=not uses_index)
+    return SearchPage(
+        hits=hits,
+        metric=metric,
+        k=k,
+        offset=offset,
+        has_more=len(rows) > k,
+        exact=not uses_index,
+        hybrid=bool(keywords),
+    )
 
 
 _iterative_scan_support: dict[str, bool] = {}
@@ -181,15 +299,20 @@ def _has_iterative_scan(session: Session) -> bool:
     return _iterative_scan_support[url]
 
 
-def search_text(session: Session, embedder: Embedder, query: str, **options) -> SearchPage:
-    """Images matching a text query."""
+def search_text(session: Session, embedder: Embedder, query: str, hybrid: bool | None = None, **options) -> SearchPage:
+    """Images matching a text query: hybrid (vector + full-text over names and descriptions)
+    unless `hybrid` is False or the `hybrid_search` setting is off."""
     query = query.strip()
     if not query:
         raise InvalidQuery("The query is empty.")
     if len(query) > 1000:
         raise InvalidQuery("The query is longer than 1,000 characters.")
     model_id = gallery_model_id(session, embedder)
-    return search_vector(session, embedder.settings, model_id, embedder.encode_text(query), **options)
+    use_hybrid = embedder.settings.hybrid_search if hybrid is None else hybrid
+    keywords = keyword_query(query) if use_hybrid else None
+    return search_vector(
+        session, embedder.settings, model_id, embedder.encode_text(query), keywords=keywords, **options
+    )
 
 
 def encode_query_image(embedder: Embedder, data: bytes) -> tuple[np.ndarray, DecodedImage]:

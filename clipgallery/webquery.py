@@ -204,6 +204,9 @@ def _results(page: SearchPage, session) -> Results:
     tiles = []
     for hit in page.hits:
         score, title = _score(page.metric, hit.similarity, hit.distance)
+        if hit.text_match:
+            # Hybrid search ranks by the fused score, so say why a lower similarity sits higher.
+            title += "; ranked up: its name or description has your words"
         tiles.append(Tile(hit.id, hit.name, hit.description, hit.thumbnail_url, score, title))
     empty = not tiles and page.offset == 0 and count_images(session) == 0
     return Results(tiles, page.has_more, empty, page.metric, page.exact)

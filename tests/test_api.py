@@ -51,17 +51,25 @@ def test_health(client):
 
 
 def test_text_search_pages_and_scores(client, seeded):
-    first = client.get("/api/search", params={"q": "api", "k": 3, "text": "API image"}).json()
+    params = {"q": "api", "k": 3, "text": "API image", "hybrid": "false"}
+    first = client.get("/api/search", params=params).json()
     assert first["metric"] == "cosine" and first["exact"] is False and first["k"] == 3
+    assert first["hybrid"] is False
     assert len(first["results"]) == 3 and first["has_more"] and first["next_offset"] == 3
     scores = [hit["similarity"] for hit in first["results"]]
     assert scores == sorted(scores, reverse=True)
     hit = first["results"][0]
     assert hit["similarity"] == pytest.approx(1 - hit["distance"])
+    assert hit["score"] is None and hit["text_match"] is False
     assert hit["page_url"] == f"/image/{hit['id']}" and hit["thumbnail_url"].startswith("/files/thumbs/")
-    second = client.get("/api/search", params={"q": "api", "k": 3, "offset": 3, "text": "API image"}).json()
+    second = client.get("/api/search", params={**params, "offset": 3}).json()
     assert {h["id"] for h in first["results"]}.isdisjoint(h["id"] for h in second["results"])
     assert {h["id"] for h in first["results"] + second["results"]} == set(seeded)
+    # By default words are also matched against names and descriptions ("API image N" here).
+    hybrid = client.get("/api/search", params={"q": "api", "k": 6}).json()
+    assert hybrid["hybrid"] is True and all(h["text_match"] for h in hybrid["results"])
+    fused = [h["score"] for h in hybrid["results"]]
+    assert fused == sorted(fused, reverse=True)
 
 
 def test_image_search_by_upload_finds_the_same_image_first(client, seeded):

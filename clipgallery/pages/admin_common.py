@@ -21,6 +21,7 @@ from clipgallery.pages.session import SessionState, admin_for_token
 ADMIN_SECTIONS = (
     ("Upload", "/admin", "upload"),
     ("Manage", "/admin/manage", "images"),
+    ("Duplicates", "/admin/duplicates", "copy"),
     ("Index & re-embed", "/admin/jobs", "folder-sync"),
     ("Users", "/admin/users", "users"),
 )

@@ -1,0 +1,411 @@
+"""Near-duplicate detection: groups of images whose vectors lie within a distance of each other.
+
+Exact duplicates (the same bytes) never get a second row: ingest finds them by SHA-256. This
+finds the rest — the same picture resized, re-compressed, converted, lightly edited — from the
+stored vectors alone, so no model is loaded.
+
+How it works (all the vector work in PostgreSQL, through the HNSW index):
+
+1. For each stored vector `e1` of the model, its `neighbours` nearest vectors, by a LATERAL join
+   whose inner query is an ordinary index-served nearest-neighbour search::
+
+       SELECT e1.image_id AS a, nn.image_id AS b, nn.distance
+       FROM image_embeddings e1
+       CROSS JOIN LATERAL (
+           SELECT e2.image_id, e2.model_id, e2.embedding <=> e1.embedding AS distance
+           FROM image_embeddings e2
+           ORDER BY e2.embedding <=> e1.embedding
+           LIMIT :neighbours + 1            -- + 1: the image finds itself first
+       ) nn
+       WHERE e1.model_id = :model_id AND nn.model_id = :model_id
+         AND nn.image_id <> e1.image_id AND nn.distance <= :max_distance;
+
+   The conditions sit outside the LATERAL on purpose: inside, they would filter the index scan's
+   candidates (and with pgvector's iterative scan, keep it searching far past the near copies).
+   `hnsw.ef_search` is set (transaction-local) to a bounded value ≥ neighbours + 1 and the
+   iterative scan is switched off, so each inner search costs one bounded graph walk.
+   The outer rows go in id-ordered chunks: one statement per chunk, progress between them.
+2. The pairs found are joined into groups in Python with a union-find, in ascending distance
+   order (Kruskal): a group's `distance` is the largest link needed to connect it, i.e. the
+   threshold at which the whole group first appears; groups are single-linkage (A~B and B~C put
+   A, B and C in one group even when A and C are farther apart than the threshold).
+
+Complexity: n index searches of cost ~O(ef_search · log n) each, so O(n log n) for the gallery,
+plus O(p α(p)) for the p pairs found (p ≤ n · neighbours, in practice a few per near copy).
+Measured on this 2-core machine: see docs/operations.md ("Near-duplicates").
+
+Distances here are **cosine distances** (1 − similarity) whatever the index metric: the
+threshold is converted to the index metric's own distance for the query (cosine, L2 and inner
+product agree on clipgallery's unit vectors), and the distances found are converted back. The L1
+metric implies no similarity and is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from sqlalchemy import bindparam, text
+from sqlmodel import Session
+
+from clipgallery.config import Settings
+from clipgallery.gallery import REEMBED_COMMAND, ModelMismatchError, file_url
+from clipgallery.models import METRIC_OPERATORS
+from clipgallery.search import (
+    MAX_EF_SEARCH,
+    InvalidQuery,
+    _has_iterative_scan,
+    distance_bound,
+    similarity_from_distance,
+)
+
+log = logging.getLogger(__name__)
+
+# Outer rows per statement: small enough for regular progress reports, large enough that the
+# per-statement overhead does not matter.
+CHUNK_SIZE = 5000
+MAX_NEIGHBOURS = 100
+
+
+@dataclass(frozen=True)
+class DuplicateImage:
+    id: int
+    name: str
+    thumbnail_url: str
+    original_url: str
+    width: int
+    height: int
+    byte_size: int
+    mime_type: str
+    created_at: datetime | None
+    distance: float  # cosine distance to the closest other image of its group
+    similarity: float  # 1 - distance
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Images that are near copies of each other; the suggested keeper first, then by id."""
+
+    images: tuple[DuplicateImage, ...]
+    keep_id: int  # suggested image to keep: most pixels, then the oldest, then the lowest id
+    distance: float  # largest link that connects the group (cosine distance): all of it appears at this threshold
+    closest_distance: float  # the closest pair of the group
+    pairs: tuple[tuple[int, int, float], ...]  # (id, id, cosine distance) links found, closest first
+
+    @property
+    def similarity(self) -> float:
+        """The similarity at which the whole group is linked (1 - distance)."""
+        return 1.0 - self.distance
+
+    @property
+    def ids(self) -> list[int]:
+        return [image.id for image in self.images]
+
+    @property
+    def keeper(self) -> DuplicateImage:
+        return next(image for image in self.images if image.id == self.keep_id)
+
+
+def similarity_to_distance(min_similarity: float) -> float:
+    """A minimum similarity as the cosine distance threshold (1 - similarity)."""
+    if not -1.0 <= min_similarity <= 1.0:
+        raise InvalidQuery(f"The minimum similarity must be between -1 and 1, got {min_similarity}.")
+    return 1.0 - min_similarity
+
+
+# --- which model's vectors ---------------------------------------------------------------------
+
+
+def configured_model_weights(settings: Settings) -> tuple[str, str]:
+    """(architecture, weights) of the configured model, as embedding_models records it, without
+    loading the model (a checkpoint or model directory is hashed, which takes a second or two)."""
+    from clipgallery.embedding import _find_weights, file_sha256, get_embedder, resolve_model_spec
+
+    embedder = get_embedder(settings)
+    if embedder.loaded:
+        identity = embedder.identity
+        return identity.architecture, identity.weights
+    spec = resolve_model_spec(settings)
+    if spec.model_dir is not None:
+        weights = _find_weights(spec.model_dir)
+        return spec.architecture, "sha256:" + file_sha256(weights) if weights else ""
+    if spec.checkpoint is not None:
+        return spec.architecture, "sha256:" + file_sha256(spec.checkpoint) if spec.checkpoint.is_file() else ""
+    return spec.architecture, spec.pretrained_tag or "random"
+
+
+def stored_model_id(session: Session, settings: Settings) -> int | None:
+    """The model whose vectors to compare, without loading any model; None when there are no vectors.
+
+    Vectors of one model are always comparable with each other, so a gallery whose vectors all
+    come from one model uses that model, whatever is configured. During a change of models (some
+    vectors of each), the configured model's vectors are used; when it has none, ModelMismatchError.
+    """
+    state = session.execute(
+        text(
+            "SELECT (SELECT min(model_id) FROM image_embeddings) AS lowest, "
+            "(SELECT max(model_id) FROM image_embeddings) AS highest"
+        )
+    ).one()
+    if state.lowest is None:
+        return None
+    if state.lowest == state.highest:
+        return state.lowest
+    architecture, weights = configured_model_weights(settings)
+    model_id = session.execute(
+        text(
+            "SELECT m.id FROM embedding_models m WHERE m.architecture = :a AND m.weights = :w "
+            "AND EXISTS (SELECT 1 FROM image_embeddings e WHERE e.model_id = m.id)"
+        ),
+        {"a": architecture, "w": weights},
+    ).scalar()
+    if model_id is None:
+        raise ModelMismatchError(
+            "The gallery holds vectors of several models and none of the configured one: "
+            f"run `{REEMBED_COMMAND}` first."
+        )
+    log.warning("the gallery holds vectors of several models: comparing only those of model %d", model_id)
+    return model_id
+
+
+# --- the scan ----------------------------------------------------------------------------------
+
+
+def pairs_sql(metric: str) -> str:
+    """The statement that finds the close pairs of one chunk of images (exposed for docs and tests)."""
+    operator = METRIC_OPERATORS[metric]
+    return (
+        "SELECT e1.image_id AS a, nn.image_id AS b, nn.distance "
+        "FROM image_embeddings e1 "
+        "CROSS JOIN LATERAL ("
+        f"  SELECT e2.image_id, e2.model_id, e2.embedding {operator} e1.embedding AS distance"
+        "  FROM image_embeddings e2"
+        f"  ORDER BY e2.embedding {operator} e1.embedding"
+        "  LIMIT :inner_limit"
+        ") nn "
+        "WHERE e1.model_id = :model_id AND e1.image_id BETWEEN :first_id AND :last_id "
+        "AND nn.model_id = :model_id AND nn.image_id <> e1.image_id AND nn.distance <= :bound"
+    )
+
+
+def _validate(settings: Settings, max_distance: float, neighbours: int, limit_groups: int | None) -> None:
+    if settings.index_metric == "l1":
+        raise InvalidQuery(
+            "Near-duplicate detection needs a similarity: the L1 index metric has none (use cosine, l2 or ip)."
+        )
+    if not 0.0 <= max_distance <= 1.0:
+        raise InvalidQuery(
+            f"The distance threshold must be between 0 and 1 (a similarity between 1 and 0), got {max_distance}."
+        )
+    if not 1 <= neighbours <= MAX_NEIGHBOURS:
+        raise InvalidQuery(f"neighbours must be between 1 and {MAX_NEIGHBOURS}, got {neighbours}.")
+    if limit_groups is not None and limit_groups < 1:
+        raise InvalidQuery(f"The group limit must be at least 1, got {limit_groups}.")
+
+
+def find_close_pairs(
+    session: Session,
+    settings: Settings,
+    model_id: int,
+    max_distance: float,
+    neighbours: int = 10,
+    ef_search: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[tuple[int, int], float]:
+    """{(lower id, higher id): cosine distance} for every pair of the model's images found within
+    `max_distance` (cosine) of each other among each image's `neighbours` nearest."""
+    _validate(settings, max_distance, neighbours, None)
+    metric = settings.index_metric
+    bound = distance_bound(metric, 1.0 - max_distance)
+    ef = min(MAX_EF_SEARCH, max(neighbours + 1, ef_search or settings.hnsw_ef_search))
+    ids = (
+        session.execute(
+            text("SELECT image_id FROM image_embeddings WHERE model_id = :m ORDER BY image_id"), {"m": model_id}
+        )
+        .scalars()
+        .all()
+    )
+    # Transaction-local settings (the session's transaction ends with it): a bounded graph walk per image.
+    iterative = ", set_config('hnsw.iterative_scan', 'off', true)" if _has_iterative_scan(session) else ""
+    session.execute(text(f"SELECT set_config('hnsw.ef_search', :ef, true){iterative}"), {"ef": str(ef)})
+    statement = text(pairs_sql(metric))
+    pairs: dict[tuple[int, int], float] = {}
+    for start in range(0, len(ids), CHUNK_SIZE):
+        chunk = ids[start : start + CHUNK_SIZE]
+        rows = session.execute(
+            statement,
+            {
+                "model_id": model_id,
+                "first_id": chunk[0],
+                "last_id": chunk[-1],
+                "inner_limit": neighbours + 1,
+                "bound": bound,
+            },
+        ).all()
+        for a, b, distance in rows:
+            similarity = similarity_from_distance(metric, float(distance))
+            cosine = max(0.0, 1.0 - similarity)
+            key = (a, b) if a < b else (b, a)
+            if cosine < pairs.get(key, 2.0):
+                pairs[key] = cosine
+        if progress is not None:
+            progress(start + len(chunk), len(ids))
+    return pairs
+
+
+def find_near_duplicate_groups(
+    session: Session,
+    settings: Settings,
+    model_id: int | None,
+    max_distance: float,
+    limit_groups: int | None = None,
+    neighbours: int = 10,
+    ef_search: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[DuplicateGroup]:
+    """Groups of near-duplicate images of model `model_id` (see `stored_model_id`), tightest first.
+
+    `max_distance` is a cosine distance (1 − similarity): two images within it are near copies.
+    Each image is compared with its `neighbours` nearest images through the HNSW index, so the
+    cost grows as O(n log n) with the gallery (see the module docstring); a group of more than
+    `neighbours` + 1 copies of one picture is still found whole, through its chains of links.
+    Groups are sorted by the distance at which they are complete, then largest first, and cut
+    to `limit_groups`. `model_id` None (no vectors) gives no groups.
+    """
+    _validate(settings, max_distance, neighbours, limit_groups)
+    if model_id is None:
+        return []
+    started = time.perf_counter()
+    pairs = find_close_pairs(session, settings, model_id, max_distance, neighbours, ef_search, progress)
+    groups = groups_from_pairs(session, pairs)
+    log.info(
+        "near-duplicates: %d pairs, %d groups within cosine distance %.4f in %.2f s",
+        len(pairs),
+        len(groups),
+        max_distance,
+        time.perf_counter() - started,
+    )
+    return groups[:limit_groups] if limit_groups is not None else groups
+
+
+# --- pairs to groups ---------------------------------------------------------------------------
+
+
+def _components(pairs: dict[tuple[int, int], float]) -> list[tuple[list[int], list[tuple[int, int, float]], float]]:
+    """Connected components of the pair graph: (members, links closest first, largest link used
+    to connect them). Kruskal's order, so that largest link is the group's single-linkage height."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    height: dict[int, float] = {}
+    ordered = sorted(((d, a, b) for (a, b), d in pairs.items()), key=lambda t: (t[0], t[1], t[2]))
+    for d, a, b in ordered:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[rb] = ra
+            height[ra] = max(d, height.pop(ra, 0.0), height.pop(rb, 0.0))
+    members: dict[int, list[int]] = {}
+    for x in parent:
+        members.setdefault(find(x), []).append(x)
+    links: dict[int, list[tuple[int, int, float]]] = {}
+    for d, a, b in ordered:
+        links.setdefault(find(a), []).append((a, b, d))
+    return [(sorted(ids), links[root], height.get(root, 0.0)) for root, ids in members.items()]
+
+
+def _keeper_key(image: DuplicateImage) -> tuple:
+    # Most pixels first; then the oldest (the likely original); then the lowest id.
+    created = image.created_at.timestamp() if image.created_at else float("inf")
+    return (-image.pixels, created, image.id)
+
+
+def _assemble(
+    members: list[int], links: list[tuple[int, int, float]], height: float, images: dict[int, DuplicateImage]
+) -> DuplicateGroup | None:
+    """One group from its members (those still in `images`), its links and its linking height."""
+    members = [i for i in members if i in images]  # an image deleted meanwhile is left out
+    if len(members) < 2:
+        return None
+    closest: dict[int, float] = {}
+    for a, b, d in links:
+        for x in (a, b):
+            closest[x] = min(d, closest.get(x, 2.0))
+    group = [replace(images[i], distance=closest[i], similarity=1.0 - closest[i]) for i in members]
+    keeper = min(group, key=_keeper_key)
+    group.sort(key=lambda image: (image.id != keeper.id, image.id))
+    return DuplicateGroup(
+        images=tuple(group), keep_id=keeper.id, distance=height, closest_distance=links[0][2], pairs=tuple(links)
+    )
+
+
+def _images(session: Session, ids: Iterable[int]) -> dict[int, DuplicateImage]:
+    """The images' details (distances still to be filled in)."""
+    ids = list(ids)
+    if not ids:
+        return {}
+    rows = session.execute(
+        text(
+            "SELECT id, name, thumbnail_path, stored_path, width, height, byte_size, mime_type, created_at "
+            "FROM images WHERE id IN :ids"
+        ).bindparams(bindparam("ids", expanding=True)),
+        {"ids": ids},
+    ).all()
+    return {
+        row.id: DuplicateImage(
+            id=row.id,
+            name=row.name,
+            thumbnail_url=file_url(row.thumbnail_path),
+            original_url=file_url(row.stored_path),
+            width=row.width,
+            height=row.height,
+            byte_size=row.byte_size,
+            mime_type=row.mime_type,
+            created_at=row.created_at,
+            distance=0.0,
+            similarity=1.0,
+        )
+        for row in rows
+    }
+
+
+def _sort(groups: list[DuplicateGroup]) -> list[DuplicateGroup]:
+    return sorted(groups, key=lambda g: (g.distance, -len(g.images), g.images[0].id))
+
+
+def groups_from_pairs(session: Session, pairs: dict[tuple[int, int], float]) -> list[DuplicateGroup]:
+    """Close pairs {(id, id): cosine distance} → groups with their image details, tightest first."""
+    components = _components(pairs)
+    images = _images(session, {i for members, _, _ in components for i in members})
+    groups = [_assemble(members, links, height, images) for members, links, height in components]
+    return _sort([g for g in groups if g is not None])
+
+
+def without_images(groups: list[DuplicateGroup], removed: Iterable[int]) -> list[DuplicateGroup]:
+    """The groups after some images were deleted, without scanning again: each affected group is
+    rebuilt from its remaining links (it may split, or vanish when fewer than two images remain)."""
+    removed = set(removed)
+    result: list[DuplicateGroup] = []
+    for group in groups:
+        if not removed & set(group.ids):
+            result.append(group)
+            continue
+        left = {(a, b): d for a, b, d in group.pairs if a not in removed and b not in removed}
+        images = {image.id: image for image in group.images if image.id not in removed}
+        for members, links, height in _components(left):
+            rebuilt = _assemble(members, links, height, images)
+            if rebuilt is not None:
+                result.append(rebuilt)
+    return _sort(result)

@@ -1,0 +1,164 @@
+"""Hybrid search: the vector ranking fused with full-text search over names and descriptions."""
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from clipgallery.gallery import ImageFilters, gallery_model_id, update_image
+from clipgallery.ingest import ingest_image
+from clipgallery.models import HNSW_INDEX_NAME
+from clipgallery.search import WORDS_CTE_SQL, hybrid_search_sql, keyword_query, search_text, search_vector
+from tests.conftest import encode, jpeg, picture
+
+
+@pytest.fixture
+def gallery(session, embedder, storage):
+    ids = []
+    for seed in range(30):
+        outcome = ingest_image(session, embedder, storage, jpeg(300 + seed), f"p{seed}.jpg", f"Picture {seed}")
+        ids.append(outcome.image_id)
+    return ids
+
+
+def test_keyword_query_keeps_the_words_and_nothing_else():
+    assert keyword_query("A photo of a red dress") == "a photo of a red dress"
+    assert keyword_query("'; DROP TABLE images; --") == "drop table images"
+    assert keyword_query("&|!:*()<->") is None
+    assert keyword_query("Café crème") == "café crème"
+    assert len(keyword_query(" ".join(f"w{n}" for n in range(100))).split()) == 32
+
+
+def _tsquery(session, words: str, common_fraction: float) -> str:
+    sql = f"WITH {WORDS_CTE_SQL} SELECT query::text FROM words"
+    return session.execute(text(sql), {"keywords": words, "common_fraction": common_fraction}).scalar()
+
+
+def test_words_become_a_stemmed_or_query_without_the_gallery_s_most_common_words(gallery, session):
+    assert _tsquery(session, "a photo of the red dresses", 1.0) == "'dress' | 'photo' | 'red'"
+    assert _tsquery(session, "the of a", 1.0) == ""
+    assert _tsquery(session, "it's a back\\slash", 1.0) == "'back' | 'slash'"
+    # Every name is "Picture N": once statistics exist, "picture" is too common to tell images apart.
+    assert _tsquery(session, "picture of a harbour", 0.2) == "'harbour' | 'pictur'"
+    session.execute(text("ANALYZE images"))
+    assert _tsquery(session, "picture of a harbour", 0.2) == "'harbour'"
+    assert _tsquery(session, "picture of a harbour", 1.0) == "'harbour' | 'pictur'"
+
+
+def test_without_any_text_match_hybrid_ranks_exactly_like_vector_search(gallery, session, embedder):
+    plain = search_text(session, embedder, "a red square", k=30, hybrid=False)
+    hybrid = search_text(session, embedder, "a red square", k=30, hybrid=True)
+    assert hybrid.hybrid and not plain.hybrid
+    assert [h.id for h in hybrid.hits] == [h.id for h in plain.hits]
+    assert [h.distance for h in hybrid.hits] == pytest.approx([h.distance for h in plain.hits])
+    assert not any(h.text_match for h in hybrid.hits)
+    scores = [h.score for h in hybrid.hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_a_name_match_lifts_the_image_to_the_top_and_names_outrank_descriptions(gallery, session, embedder):
+    plain = search_text(session, embedder, "harbour at dusk", k=30, hybrid=False)
+    named, described = plain.hits[-1].id, plain.hits[-2].id  # the two farthest vectors
+    update_image(session, named, name="Harbour at dusk")
+    update_image(session, described, description="boats in the harbours at dusk")  # stemmed: harbours ~ harbour
+    page = search_text(session, embedder, "harbour at dusk", k=5)
+    assert page.hybrid
+    assert [h.id for h in page.hits[:2]] == [named, described]
+    assert page.hits[0].text_match and page.hits[1].text_match
+    assert not any(h.text_match for h in page.hits[2:])
+    # Similarity is still the vector's own: the fusion reorders, it does not rescore.
+    assert page.hits[0].distance == pytest.approx(plain.hits[-1].distance)
+    # With hybrid search switched off in the settings, the vector ranking is back.
+    off = embedder.settings.with_overrides(hybrid_search=False)
+    vector_only = search_text(session, embedder.__class__(off), "harbour at dusk", k=5)
+    assert not vector_only.hybrid and [h.id for h in vector_only.hits] == [h.id for h in plain.hits[:5]]
+
+
+def test_filters_exclusion_and_thresholds_hold_on_both_sides(session, embedder, storage):
+    a = ingest_image(session, embedder, storage, jpeg(1), "a.jpg", "Lighthouse", "").image_id
+    b = ingest_image(session, embedder, storage, encode(picture(2), "PNG"), "b.png", "Lighthouse at night", "").image_id
+    for seed in range(3, 12):
+        ingest_image(session, embedder, storage, jpeg(seed), f"{seed}.jpg", f"Other {seed}", "")
+    only_png = search_text(session, embedder, "lighthouse", k=20, filters=ImageFilters(mime_type="image/png"))
+    assert [h.id for h in only_png.hits] == [b]
+    model_id = gallery_model_id(session, embedder)
+    vector = embedder.encode_text("lighthouse")
+    excluded = search_vector(
+        session, embedder.settings, model_id, vector, k=20, exclude_image_id=a, keywords=keyword_query("lighthouse")
+    )
+    assert a not in [h.id for h in excluded.hits] and excluded.hits[0].id == b
+    everything = search_text(session, embedder, "lighthouse", k=20, exact=True)
+    cut = sorted(h.similarity for h in everything.hits)[-3]
+    strict = search_text(session, embedder, "lighthouse", k=20, min_similarity=cut)
+    assert len(strict.hits) == 3 and all(h.similarity >= cut - 1e-6 for h in strict.hits)
+
+
+def test_paging_through_hybrid_results_has_no_gaps_or_repeats(gallery, session, embedder):
+    update_image(session, gallery[7], name="Green meadow")
+    update_image(session, gallery[20], description="a green field")
+    full = search_text(session, embedder, "green", k=30)
+    assert not full.has_more and len(full.hits) == 30
+    collected, offset = [], 0
+    while True:
+        page = search_text(session, embedder, "green", k=7, offset=offset)
+        collected += [h.id for h in page.hits]
+        if not page.has_more:
+            break
+        offset += 7
+    assert collected == [h.id for h in full.hits]
+    assert set(collected[:2]) == {gallery[7], gallery[20]}
+
+
+@pytest.mark.parametrize("query", ["the of a", "'; DROP TABLE images; --", "!!! ::: &&& |||", "x" * 1000])
+def test_odd_queries_run_and_leave_the_table_alone(query, gallery, session, embedder):
+    page = search_text(session, embedder, query, k=5)
+    assert len(page.hits) == 5
+    assert session.execute(text("SELECT count(*) FROM images")).scalar() == 30
+
+
+def test_the_search_document_follows_edits_made_in_sql(gallery, session, embedder):
+    session.execute(text("UPDATE images SET description = 'zebra crossing' WHERE id = :id"), {"id": gallery[3]})
+    session.commit()
+    assert search_text(session, embedder, "zebras", k=1).hits[0].id == gallery[3]
+
+
+def test_hybrid_search_uses_the_hnsw_index_on_thousands_of_rows(session, embedder, settings):
+    model_id = gallery_model_id(session, embedder)
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(3000, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    session.execute(
+        text(
+            "INSERT INTO images (sha256, original_filename, stored_path, thumbnail_path, name, description, "
+            "mime_type, width, height, byte_size) SELECT md5(g::text) || md5(g::text), 'f.jpg', 'o/' || g, "
+            "'t/' || g, 'item ' || g, CASE WHEN g % 100 = 0 THEN 'rare word' ELSE '' END, 'image/jpeg', 1, 1, 1 "
+            "FROM generate_series(1, 3000) g"
+        )
+    )
+    ids = session.execute(text("SELECT id FROM images ORDER BY id")).scalars().all()
+    with (
+        session.connection().connection.cursor() as cursor,
+        cursor.copy("COPY image_embeddings (image_id, model_id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy,
+    ):
+        copy.set_types(["int4", "int4", "vector"])
+        for image_id, vector in zip(ids, vectors, strict=True):
+            copy.write_row((image_id, model_id, vector))
+    session.commit()
+    session.execute(text("ANALYZE images; ANALYZE image_embeddings"))
+    sql = hybrid_search_sql("cosine", uses_index=True, with_threshold=False, with_exclude=False)
+    params = {
+        "query": vectors[0],
+        "model_id": model_id,
+        "keywords": keyword_query("rare"),
+        "depth": 100,
+        "rrf_k": 60,
+        "keyword_scan": 1000,
+        "common_fraction": 0.2,
+        "limit": 21,
+        "offset": 0,
+    }
+    plan = "\n".join(session.execute(text("EXPLAIN " + sql), params).scalars())
+    assert HNSW_INDEX_NAME in plan, plan
+    page = search_vector(session, settings, model_id, vectors[0], k=10, keywords=keyword_query("rare"))
+    # Equal RRF terms interleave the two rankings (a text match that is also a near vector wins).
+    assert ids[0] in [h.id for h in page.hits[:3]]
+    assert sum(h.text_match for h in page.hits) >= 5
