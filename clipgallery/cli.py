@@ -336,7 +336,12 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
         side=args.side,
         test_fraction=args.test_fraction,
         seed=args.seed,
-        prompt_template=args.prompt_template,
+        prompt_templates=tuple(args.prompt_template or ("a photo of a {}",)),
+        queries=Path(args.queries) if args.queries else None,
+        query_column=args.query_column,
+        query_label_column=args.query_label_column,
+        name_template=args.name_template,
+        description_template=args.description_template,
         limit=args.limit,
         out_dir=Path(args.out) if args.out else None,
         metrics=tuple(m.strip().lower() for m in args.metrics.split(",") if m.strip()),
@@ -526,7 +531,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--side", choices=("train", "test"), default="test", help="split side to evaluate")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt-template", default="a photo of a {}", help="class-name prompt; {} is the class")
+    p.add_argument(
+        "--prompt-template",
+        action="append",
+        help="class-name prompt, {} is the class (default 'a photo of a {}'); several: a prompt ensemble",
+    )
+    p.add_argument("--queries", metavar="FILE", help="CSV of free-text queries and the label each should find")
+    p.add_argument("--query-column", help="query column of --queries (default: query or text)")
+    p.add_argument("--query-label-column", help="label column of --queries (default: label, class or --label-column)")
+    p.add_argument("--name-template", help="stored names from the CSV's columns, e.g. '{productDisplayName}' (hybrid)")
+    p.add_argument("--description-template", help="stored descriptions from the CSV's columns (hybrid)")
     p.add_argument("--limit", type=int, help="at most N images, round-robin over classes (quick runs)")
     p.add_argument("--out", metavar="DIR", help="report folder (default reports/<set>-<time>/)")
     p.add_argument("--metrics", default="cosine,l2,ip,l1", help="distance metrics to compare")

@@ -8,6 +8,9 @@ Three layouts are understood:
 - a captions CSV (columns ``image``, ``caption``; several rows per image give one item with
   several captions).
 
+Evaluation also reads a queries CSV (`load_queries_csv`): free-text queries, each with the label
+whose images it should find (e.g. ``docs/queries/fashion_label_free.csv``: ``query,class``).
+
 Every item has a ``key``: the image's path relative to the images directory (the CSV's
 ``images/`` folder, or the class-folder root), with forward slashes. Keys are what split files
 store, so the same split works for the CSV and the folder view of one set (imagenette's
@@ -23,6 +26,7 @@ import csv
 import hashlib
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,6 +201,78 @@ def load_dataset(source: Path, label_column: str | None = None, captions: bool =
     if not label_column:
         raise ValueError(f"{source}: a labels CSV needs a label column (e.g. --label-column articleType)")
     return load_labels_csv(source, label_column)
+
+
+QUERY_COLUMNS = ("query", "text")
+QUERY_LABEL_COLUMNS = ("label", "class")
+
+
+@dataclass(frozen=True)
+class LabelledQuery:
+    """A free-text query and the label whose images it should find (from a queries CSV)."""
+
+    text: str
+    label: str
+    line: int  # in the CSV (the header is line 1)
+
+
+def _pick_column(
+    columns: list[str], given: str | None, candidates: Sequence[str], what: str, option: str, path: Path
+) -> str:
+    if given is not None:
+        if given not in columns:
+            raise ValueError(f"{path}: no {what} column {given!r} ({option}); columns are {', '.join(columns)}")
+        return given
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    raise ValueError(
+        f"{path}: no {what} column (looked for {', '.join(candidates)}; name it with {option}); "
+        f"columns are {', '.join(columns)}"
+    )
+
+
+def load_queries_csv(
+    csv_path: Path,
+    query_column: str | None = None,
+    label_column: str | None = None,
+    extra_label_columns: Sequence[str] = (),
+) -> list[LabelledQuery]:
+    """Free-text queries with the label each should find, e.g. ``docs/queries/fashion_label_free.csv``
+    (columns ``query,class``).
+
+    The query column defaults to the first of query/text, the label column to the first of
+    label/class and then `extra_label_columns` (the set's own label column, e.g. articleType).
+    Whitespace inside a query is collapsed. Missing columns, empty cells and repeated rows raise
+    ValueError naming the file and line."""
+    csv_path = Path(csv_path)
+    columns, rows = _read_csv(csv_path)
+    q_col = _pick_column(columns, query_column, QUERY_COLUMNS, "query", "--query-column", csv_path)
+    l_col = _pick_column(
+        columns,
+        label_column,
+        [*QUERY_LABEL_COLUMNS, *(c for c in extra_label_columns if c)],
+        "label",
+        "--query-label-column",
+        csv_path,
+    )
+    if q_col == l_col:
+        raise ValueError(f"{csv_path}: the query and the label column are both {q_col!r}")
+    queries: list[LabelledQuery] = []
+    seen: dict[tuple[str, str], int] = {}
+    for line, row in enumerate(rows, start=2):
+        text, label = " ".join(row[q_col].split()), row[l_col]
+        if not text:
+            raise ValueError(f"{csv_path}, line {line}: empty query ({q_col!r})")
+        if not label:
+            raise ValueError(f"{csv_path}, line {line}: empty label ({l_col!r}) for query {text!r}")
+        if (text, label) in seen:
+            raise ValueError(f"{csv_path}, line {line}: repeats line {seen[text, label]} ({text!r}, {label!r})")
+        seen[text, label] = line
+        queries.append(LabelledQuery(text, label, line))
+    if not queries:
+        raise ValueError(f"{csv_path}: no queries")
+    return queries
 
 
 def _group_seed(seed: int, label: str | None) -> int:

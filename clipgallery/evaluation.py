@@ -5,15 +5,30 @@ PostgreSQL server (never the user's gallery), every query is a real pgvector SQL
 `search_vector`, and the database is dropped at the end (unless asked to keep it).
 
 Tasks:
-- text → image: one query per class, the class name in a prompt template (relevant: every image
-  of that class); for caption sets, one query per caption (relevant: its image).
+- text → image: one query per class, the class name in a prompt template (several templates: a
+  prompt ensemble, the normalised mean of their normalised text vectors, as in CLIP's zero-shot
+  classifiers; relevant: every image of that class); for caption sets, one query per caption
+  (relevant: its image).
+- free-text queries → image (``--queries FILE``): one query per row of a query,label CSV, the
+  query as typed (relevant: every image of its label; queries whose label has no image in the
+  evaluated set are reported and left out).
 - image → image: every image's stored vector queries the others, itself excluded (relevant: the
   other images of its class). Not run for caption sets, which have no classes.
+
+Images are stored with their dataset key as name and an empty description, so no label-like text
+sits where a keyword search could read it — unless name/description templates over the labels
+CSV's columns are given (``--name-template '{productDisplayName}'``), to evaluate hybrid search.
 
 Methods, side by side in one report:
 - the model with the index metric through the HNSW index, and the same metric as an exact
   sequential scan (so the index's cost in quality and its gain in latency are both visible);
 - the model with every other distance metric (exact scans: no index serves them);
+- text tasks, with name/description templates: **hybrid** search (the vector ranking fused with
+  full-text search over names and descriptions, `search_vector(keywords=...)`, the query's own
+  words as keywords, never the prompt template's) and a **keyword-only** baseline (the full-text
+  ranking alone, images without a match after it in id order);
+- text tasks: the other prompt variants through the HNSW index, vector-only and hybrid (the raw
+  query, each template alone, the ensemble), so what a prompt does to short queries is measured;
 - the pixel baseline: images downscaled to 32×32 RGB, compared by L1, L2, cosine and Pearson
   correlation in numpy (image → image only);
 - chance: the expected scores of a random ranking, the floor random weights should sit near.
@@ -34,7 +49,7 @@ import shlex
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,7 +63,16 @@ from sqlalchemy.pool import NullPool
 
 from clipgallery import db
 from clipgallery.config import METRICS, PROJECT_ROOT, Settings
-from clipgallery.datasets import LabelledImage, load_dataset, read_split, select, stratified_split, write_split
+from clipgallery.datasets import (
+    LabelledImage,
+    LabelledQuery,
+    load_dataset,
+    load_queries_csv,
+    read_split,
+    select,
+    stratified_split,
+    write_split,
+)
 from clipgallery.metrics import (
     METRIC_KEYS,
     MeanScores,
@@ -65,8 +89,11 @@ TOP_K = 10
 PIXEL_SIZE = 32
 PIXEL_METRICS = ("l1", "l2", "cosine", "correlation")
 EVAL_DATABASE_PREFIX = "clipgallery_eval_"
-TEXT_TASK, IMAGE_TASK = "text_to_image", "image_to_image"
-TASK_TITLES = {TEXT_TASK: "text → image", IMAGE_TASK: "image → image"}
+TEXT_TASK, QUERY_TASK, IMAGE_TASK = "text_to_image", "queries", "image_to_image"
+TASK_TITLES = {TEXT_TASK: "text → image", QUERY_TASK: "free-text queries → image", IMAGE_TASK: "image → image"}
+DEFAULT_PROMPT_TEMPLATES = ("a photo of a {}",)
+RAW_PROMPT = ("{}",)  # the query as typed
+KEYWORD_METHOD = "keyword_only"
 
 
 @dataclass(frozen=True)
@@ -79,7 +106,15 @@ class EvalOptions:
     side: str = "test"
     test_fraction: float = 0.2
     seed: int = 0
-    prompt_template: str = "a photo of a {}"
+    # Class-name prompts; several make a prompt ensemble. Also compared on the free-text queries.
+    prompt_templates: tuple[str, ...] = DEFAULT_PROMPT_TEMPLATES
+    queries: Path | None = None  # a CSV of free-text queries and the label each should find
+    query_column: str | None = None  # default: query or text
+    query_label_column: str | None = None  # default: label, class or the set's label column
+    # Templates over the labels CSV's columns (as `clipgallery train --caption`) for the stored
+    # names and descriptions; with either, hybrid search and the keyword-only baseline are run.
+    name_template: str | None = None
+    description_template: str | None = None
     limit: int | None = None
     out_dir: Path | None = None
     metrics: tuple[str, ...] = METRICS
@@ -98,6 +133,7 @@ class MethodResult:
     per_class: dict[str, MeanScores] = field(default_factory=dict)
     latency_ms: dict[str, float] | None = None  # p50/p95/mean of the top-10 SQL queries
     top10: list[list[int]] | None = None  # kept for the HNSW-vs-exact overlap only
+    per_query: list[QueryScores | None] | None = None  # free-text queries task only
 
     def as_dict(self) -> dict:
         out: dict = {"label": self.label, "metrics": self.scores.as_dict()}
@@ -105,6 +141,11 @@ class MethodResult:
             out["latency_ms"] = self.latency_ms
         if self.per_class:
             out["per_class"] = {c: s.as_dict() for c, s in self.per_class.items()}
+        if self.per_query is not None:
+            # Aligned with info["queries"]["used"]: average precision and hit@1 per query.
+            out["per_query"] = [
+                None if q is None else {"map": q.average_precision, "recall@1": q.recall[1]} for q in self.per_query
+            ]
         return out
 
 
@@ -137,7 +178,7 @@ class EvalReport:
             for result in methods.values():
                 s = result.scores
                 lines.append(
-                    f"  {result.label:<24} mAP {100 * s['map']:5.1f}  R@1 {100 * s['recall@1']:5.1f}  "
+                    f"  {result.label:<44} mAP {100 * s['map']:5.1f}  R@1 {100 * s['recall@1']:5.1f}  "
                     f"R@10 {100 * s['recall@10']:5.1f}  P@10 {100 * s['precision@10']:5.1f}  "
                     f"nDCG@10 {100 * s['ndcg@10']:5.1f}"
                 )
@@ -273,9 +314,55 @@ def _pixels(rgb, size: int) -> np.ndarray:
     return np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
 
 
-def index_items(session, embedder, storage, items: list[LabelledImage], pixel_size: int, progress: bool) -> Indexed:
+def check_text_templates(items: Sequence[LabelledImage], options: EvalOptions) -> None:
+    """Refuse a name/description template naming a column the set does not have."""
+    from clipgallery.train import check_templates
+
+    for option, template in (
+        ("--name-template", options.name_template),
+        ("--description-template", options.description_template),
+    ):
+        if template is None:
+            continue
+        if not template.strip():
+            raise ValueError(f"{option} is empty")
+        try:
+            check_templates(items, [template])
+        except ValueError as exc:
+            raise ValueError(f"{option}: {exc}") from None
+
+
+def item_texts(item: LabelledImage, name_template: str | None, description_template: str | None) -> tuple[str, str]:
+    """The name and description stored for an item: the templates filled from its CSV row exactly
+    as `clipgallery train --caption` fills captions (`train.build_captions`: ``{column}`` and
+    ``{label}``, whitespace collapsed, empty when a field is missing or empty). Without a name
+    template, or when it comes out empty, the name is the dataset key; without a description
+    template the description is empty."""
+    from dataclasses import replace
+
+    from clipgallery.train import build_captions
+
+    bare = replace(item, captions=())  # the template only, not a caption set's own captions
+
+    def render(template: str | None) -> str:
+        rendered = build_captions(bare, [template]) if template else []
+        return rendered[0] if rendered else ""
+
+    return render(name_template) or item.key, render(description_template)
+
+
+def index_items(
+    session,
+    embedder,
+    storage,
+    items: list[LabelledImage],
+    pixel_size: int,
+    progress: bool,
+    texts: Callable[[LabelledImage], tuple[str, str]] | None = None,
+) -> Indexed:
     """Ingest through prepare_image + store_prepared (validation, files, thumbnails, model, one
-    transaction per batch), decoding the next batch in threads while the model works."""
+    transaction per batch), decoding the next batch in threads while the model works. `texts`
+    gives each item's name and description (default: its key and nothing)."""
     from tqdm import tqdm
 
     from clipgallery.imaging import RejectedImage
@@ -286,9 +373,10 @@ def index_items(session, embedder, storage, items: list[LabelledImage], pixel_si
     embedder.load()
 
     def prepare(item: LabelledImage):
-        # The dataset key as the name; no description, so nothing label-like sits in the text
-        # columns a keyword or hybrid search could read.
-        prepared = prepare_image(item.path.read_bytes(), item.path.name, settings, item.key, "", embedder=embedder)
+        # By default the dataset key as the name and no description, so nothing label-like sits in
+        # the text columns a keyword or hybrid search could read.
+        name, description = texts(item) if texts else (item.key, "")
+        prepared = prepare_image(item.path.read_bytes(), item.path.name, settings, name, description, embedder=embedder)
         return prepared, _pixels(prepared.decoded.rgb, pixel_size)
 
     result = Indexed(items=[], image_ids=[], pixels=np.zeros((0, 3 * pixel_size * pixel_size), np.float32))
@@ -355,7 +443,16 @@ class Query:
     exclude: int | None = None  # the query image itself (image → image)
 
 
-def text_queries(indexed: Indexed, template: str, captions: bool) -> tuple[list[str], list[Query]]:
+def _images_by_class(indexed: Indexed) -> dict[str, set[int]]:
+    by_class: dict[str, set[int]] = defaultdict(set)
+    for item, image_id in zip(indexed.items, indexed.image_ids, strict=True):
+        by_class[str(item.label)].add(image_id)
+    return by_class
+
+
+def text_queries(indexed: Indexed, captions: bool) -> tuple[list[str], list[Query]]:
+    """The bare query texts (class names, or captions) and their queries; prompt templates are
+    applied when the texts are encoded (`prompt_vectors`)."""
     if captions:
         texts, queries = [], []
         for item, image_id in zip(indexed.items, indexed.image_ids, strict=True):
@@ -363,18 +460,92 @@ def text_queries(indexed: Indexed, template: str, captions: bool) -> tuple[list[
                 queries.append(Query(len(texts), frozenset({image_id}), None))
                 texts.append(caption)
         return texts, queries
-    by_class: dict[str, set[int]] = defaultdict(set)
-    for item, image_id in zip(indexed.items, indexed.image_ids, strict=True):
-        by_class[str(item.label)].add(image_id)
+    by_class = _images_by_class(indexed)
     labels = sorted(by_class)
-    texts = [template.format(label) for label in labels]
-    return texts, [Query(i, frozenset(by_class[label]), label) for i, label in enumerate(labels)]
+    return labels, [Query(i, frozenset(by_class[label]), label) for i, label in enumerate(labels)]
+
+
+def free_text_queries(
+    indexed: Indexed, loaded: Sequence[LabelledQuery]
+) -> tuple[list[str], list[Query], list[LabelledQuery], list[LabelledQuery]]:
+    """(texts, queries, the queries used, the queries left out): a query whose label has no image
+    in the evaluated set has nothing to find and is left out (and reported)."""
+    by_class = _images_by_class(indexed)
+    texts: list[str] = []
+    queries: list[Query] = []
+    used: list[LabelledQuery] = []
+    left_out: list[LabelledQuery] = []
+    for query in loaded:
+        if query.label not in by_class:
+            left_out.append(query)
+            continue
+        queries.append(Query(len(texts), frozenset(by_class[query.label]), query.label))
+        texts.append(query.text)
+        used.append(query)
+    if loaded and not used:
+        shown = ", ".join(sorted({q.label for q in loaded})[:5])
+        raise ValueError(
+            f"none of the {len(loaded)} queries' labels ({shown} …) is a label of the evaluated images "
+            f"({', '.join(sorted(by_class)[:5])} …): is --query-label-column the right column?"
+        )
+    return texts, queries, used, left_out
+
+
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.where(norms == 0, 1.0, norms)
+
+
+def encode_prompts(embedder, texts: Sequence[str], template: str, batch_size: int = 64) -> np.ndarray:
+    """L2-normalised text vectors of each text inside `template` (``{}`` = the text)."""
+    prompts = [template.format(t) for t in texts]
+    if not prompts:
+        return np.zeros((0, embedder.identity.dimension), np.float32)
+    encoded = np.concatenate(
+        [embedder.encode_texts(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    )
+    return _unit_rows(encoded.astype(np.float32))
+
+
+def prompt_vectors(embedder, texts: Sequence[str], templates: Sequence[str], cache: dict | None = None) -> np.ndarray:
+    """The query vectors of `texts` under one template, or under several as a prompt ensemble: the
+    mean of each template's L2-normalised vectors, re-normalised (CLIP's zero-shot ensembles).
+    `cache` (template -> vectors, for these texts) spares encoding a template twice."""
+    if not templates:
+        raise ValueError("at least one prompt template is needed")
+    parts = []
+    for template in templates:
+        if cache is not None and template in cache:
+            parts.append(cache[template])
+            continue
+        vectors = encode_prompts(embedder, texts, template)
+        if cache is not None:
+            cache[template] = vectors
+        parts.append(vectors)
+    if len(parts) == 1:
+        return parts[0]
+    return _unit_rows(np.mean(parts, axis=0)).astype(np.float32)
+
+
+def prompt_variants(templates: Sequence[str], main: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The prompt variants compared beside a text task's main one: the raw query, each template
+    alone and (with several) their ensemble — each once, the main one left out."""
+    variants = [RAW_PROMPT, *((t,) for t in templates)]
+    if len(templates) > 1:
+        variants.append(tuple(templates))
+    return [v for v in dict.fromkeys(variants) if v != main]
+
+
+def prompt_name(templates: tuple[str, ...]) -> str:
+    if templates == RAW_PROMPT:
+        return "raw query"
+    if len(templates) == 1:
+        return f"prompt `{templates[0]}`"
+    return f"ensemble of {len(templates)} prompts"
 
 
 def image_queries(indexed: Indexed) -> list[Query]:
-    by_class: dict[str, set[int]] = defaultdict(set)
-    for item, image_id in zip(indexed.items, indexed.image_ids, strict=True):
-        by_class[str(item.label)].add(image_id)
+    by_class = _images_by_class(indexed)
     return [
         Query(i, frozenset(by_class[str(item.label)] - {image_id}), str(item.label), exclude=image_id)
         for i, (item, image_id) in enumerate(zip(indexed.items, indexed.image_ids, strict=True))
@@ -409,26 +580,81 @@ def run_model_method(
     metric: str,
     exact: bool,
     bar,
+    keywords: Sequence[str | None] | None = None,
 ) -> tuple[list[QueryScores | None], list[list[int]], list[float]]:
     """Two SQL queries per query vector: the timed top-10 (what a search returns) and the full
-    ranking of every candidate (for average precision)."""
+    ranking of every candidate (for average precision). With `keywords` (aligned with the text
+    vectors' rows) each query is hybrid: `search_vector(..., keywords=...)`."""
     from clipgallery.search import search_vector
 
     scores, tops, seconds = [], [], []
     for query in queries:
         vector = vectors[query.vector_index]
-        common = {"metric": metric, "exact": exact, "exclude_image_id": query.exclude}
+        words = keywords[query.vector_index] if keywords is not None else None
+        common = {"metric": metric, "exact": exact, "exclude_image_id": query.exclude, "keywords": words}
         started = time.perf_counter()
         top = search_vector(session, settings, model_id, vector, k=TOP_K, **common)
         seconds.append(time.perf_counter() - started)
-        if top.exact != (exact or metric != settings.index_metric):
-            raise AssertionError(f"{metric} exact={exact}: the search reported exact={top.exact}")
+        if top.exact != (exact or metric != settings.index_metric) or top.hybrid != bool(words):
+            raise AssertionError(f"{metric} exact={exact}: the search reported exact={top.exact}, hybrid={top.hybrid}")
+        # Hybrid: a page of every candidate fuses both sides at full depth (search_vector ranks at
+        # least offset + k + 1 images on each side), so the deep ranking is one a user could page to.
         full = search_vector(session, settings, model_id, vector, k=candidates, **common)
         top_ids = [hit.id for hit in top.hits]
         tops.append(top_ids)
         scores.append(score_query(top_ids, query.relevant, [hit.id for hit in full.hits]))
         bar.update(1)
     return scores, tops, seconds
+
+
+# The keyword-only baseline: the full-text side of hybrid search alone (same tsquery, same
+# ts_rank_cd order, ties by id), then every image without a match, in id order.
+KEYWORD_RANKING_SQL = (
+    "WITH {words_cte} "
+    "SELECT i.id FROM images i JOIN image_embeddings e ON e.image_id = i.id AND e.model_id = :model_id "
+    "CROSS JOIN words q "
+    "ORDER BY coalesce(i.search_document @@ q.query, false) DESC, "
+    "ts_rank_cd(i.search_document, q.query) DESC, i.id LIMIT :limit"
+)
+NO_KEYWORD_RANKING_SQL = (
+    "SELECT i.id FROM images i JOIN image_embeddings e ON e.image_id = i.id AND e.model_id = :model_id "
+    "ORDER BY i.id LIMIT :limit"
+)
+
+
+def keyword_ranking(
+    session, model_id: int, keywords: str | None, limit: int, common_fraction: float = 1.0
+) -> list[int]:
+    """Image ids ranked by full-text search alone over names and descriptions (`keywords` as
+    made by `search.keyword_query`); None (a query without words) ranks by id."""
+    from clipgallery.search import WORDS_CTE_SQL
+
+    sql = KEYWORD_RANKING_SQL.format(words_cte=WORDS_CTE_SQL)
+    params = {"model_id": model_id, "keywords": keywords, "limit": limit, "common_fraction": common_fraction}
+    if keywords is None:
+        sql, params = NO_KEYWORD_RANKING_SQL, {"model_id": model_id, "limit": limit}
+    return list(session.execute(text(sql), params).scalars())
+
+
+def run_keyword_method(
+    session,
+    model_id: int,
+    keywords: Sequence[str | None],
+    queries: list[Query],
+    candidates: int,
+    bar,
+    common_fraction: float = 1.0,
+) -> tuple[list[QueryScores | None], list[float]]:
+    scores, seconds = [], []
+    for query in queries:
+        words = keywords[query.vector_index]
+        started = time.perf_counter()
+        top = keyword_ranking(session, model_id, words, TOP_K, common_fraction)
+        seconds.append(time.perf_counter() - started)
+        full = keyword_ranking(session, model_id, words, candidates, common_fraction)
+        scores.append(score_query(top, query.relevant, full))
+        bar.update(1)
+    return scores, seconds
 
 
 def pixel_distances(pixels: np.ndarray, rows: slice, metric: str) -> np.ndarray:
@@ -486,24 +712,92 @@ def _method_label(metric: str, exact: bool) -> str:
     return f"model {metric} ({'exact' if exact else 'HNSW'})"
 
 
+def _hybrid_key(metric: str) -> str:
+    return f"hybrid_{metric}_hnsw"
+
+
+def _hybrid_label(metric: str) -> str:
+    return f"hybrid: model {metric} (HNSW) + full text"
+
+
+def _variant_slug(templates: tuple[str, ...], all_templates: Sequence[str]) -> str:
+    if templates == RAW_PROMPT:
+        return "raw"
+    if len(templates) == 1:
+        return f"prompt{list(all_templates).index(templates[0]) + 1}"
+    return "ensemble"
+
+
+@dataclass
+class MethodSpec:
+    """One method of a task: a model ranking (vector-only, or hybrid with keywords) or, with
+    metric None, the keyword-only baseline."""
+
+    key: str
+    label: str
+    metric: str | None = None
+    exact: bool = False
+    vectors: np.ndarray | None = None
+    keywords: list[str | None] | None = None
+    keep_top10: bool = False
+
+
+@dataclass
+class TextTask:
+    key: str
+    texts: list[str]  # bare texts: class names, captions or free-text queries
+    queries: list[Query]
+    main: tuple[str, ...]  # the prompt template(s) of the task's main query vectors
+    variants: list[tuple[str, ...]]  # other prompt variants, compared through the HNSW index
+
+
+def _prompt_templates(options: EvalOptions) -> tuple[str, ...]:
+    given = options.prompt_templates
+    return tuple(dict.fromkeys([given] if isinstance(given, str) else given or DEFAULT_PROMPT_TEMPLATES))
+
+
+def _validate_options(options: EvalOptions) -> tuple[str, ...]:
+    unknown = [m for m in options.metrics if m not in METRICS]
+    if unknown or not options.metrics:
+        raise ValueError(f"--metrics takes a comma-separated subset of {','.join(METRICS)}, got {options.metrics}")
+    if options.side not in ("train", "test"):
+        raise ValueError(f"--side must be train or test, got {options.side!r}")
+    templates = _prompt_templates(options)
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"a prompt template needs a {{}} where the class name goes, got {template!r}")
+    if options.captions and options.queries:
+        raise ValueError("--queries needs a labelled set (a caption set has no labels for the queries to find)")
+    if options.captions and (options.name_template or options.description_template):
+        # Caption sets have no CSV columns beyond the file; their captions are the queries.
+        raise ValueError("--name-template/--description-template need a labels CSV, not a caption set")
+    return templates
+
+
 def run_eval(settings: Settings, options: EvalOptions) -> EvalReport:
     """Index, query, score, write report.md, results.json and map.png; returns the report."""
     from tqdm import tqdm
 
     from clipgallery.embedding import Embedder
     from clipgallery.gallery import gallery_model_id
+    from clipgallery.search import keyword_query
     from clipgallery.storage import Storage
 
     started = time.perf_counter()
-    unknown = [m for m in options.metrics if m not in METRICS]
-    if unknown or not options.metrics:
-        raise ValueError(f"--metrics takes a comma-separated subset of {','.join(METRICS)}, got {options.metrics}")
-    if options.side not in ("train", "test"):
-        raise ValueError(f"--side must be train or test, got {options.side!r}")
-    if not options.captions and "{}" not in options.prompt_template:
-        raise ValueError(f"the prompt template needs a {{}} where the class name goes, got {options.prompt_template!r}")
+    templates = _validate_options(options)
     items, info = load_items(options)
     labelled = not options.captions
+    loaded_queries = (
+        load_queries_csv(
+            options.queries, options.query_column, options.query_label_column, [options.label_column or ""]
+        )
+        if options.queries
+        else []
+    )
+    with_texts = bool(options.name_template or options.description_template)
+    if with_texts:
+        check_text_templates(items, options)
+    run_hybrid = with_texts and settings.hybrid_search
     name = set_name(options.source)
     out_dir = options.out_dir or PROJECT_ROOT / "reports" / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
     out_dir = Path(out_dir)
@@ -511,18 +805,33 @@ def run_eval(settings: Settings, options: EvalOptions) -> EvalReport:
 
     # The index metric is the one the HNSW index serves; with an index metric not asked for,
     # the HNSW method would silently vanish, so it is always run.
-    metrics = list(dict.fromkeys([settings.index_metric, *options.metrics]))
-    methods = [(settings.index_metric, False)] + [(m, True) for m in metrics]
+    metric0 = settings.index_metric
+    metrics = list(dict.fromkeys([metric0, *options.metrics]))
+    methods = [(metric0, False)] + [(m, True) for m in metrics]
 
     tasks: dict[str, dict[str, MethodResult]] = {}
     timings: dict[str, float] = {}
+    queries_info: dict | None = None
+    describe = (
+        (lambda item: item_texts(item, options.name_template, options.description_template)) if with_texts else None
+    )
     with eval_database(settings, keep=options.keep_database) as (eval_settings, database_name):
         embedder = Embedder(eval_settings)
         with db.session_scope(eval_settings) as session:
             indexed = index_items(
-                session, embedder, Storage(eval_settings.upload_dir), items, options.pixel_size, options.progress
+                session,
+                embedder,
+                Storage(eval_settings.upload_dir),
+                items,
+                options.pixel_size,
+                options.progress,
+                texts=describe,
             )
             timings["index_seconds"] = indexed.seconds
+            # Statistics, as autovacuum keeps them for a live gallery: hybrid search reads the
+            # column's most common words from them (search.WORDS_CTE_SQL).
+            session.execute(text("ANALYZE images"))
+            session.commit()
             n = len(indexed.items)
             if n < 2:
                 raise ValueError(f"only {n} image(s) could be indexed; rejected: {indexed.rejected[:5]}")
@@ -531,32 +840,97 @@ def run_eval(settings: Settings, options: EvalOptions) -> EvalReport:
             model_id = gallery_model_id(session, embedder)
             image_vectors = stored_vectors(session, indexed.image_ids)
 
-            texts, t_queries = text_queries(indexed, options.prompt_template, options.captions)
+            texts, t_queries = text_queries(indexed, options.captions)
+            text_tasks = [
+                TextTask(TEXT_TASK, texts, t_queries, RAW_PROMPT, [])
+                if options.captions
+                else TextTask(TEXT_TASK, texts, t_queries, templates, prompt_variants(templates, templates))
+            ]
+            if loaded_queries:
+                q_texts, q_queries, used, left_out = free_text_queries(indexed, loaded_queries)
+                # Free-text queries run as typed (what the search box does); the templates are variants.
+                text_tasks.append(
+                    TextTask(QUERY_TASK, q_texts, q_queries, RAW_PROMPT, prompt_variants(templates, RAW_PROMPT))
+                )
+                queries_info = {
+                    "file": str(options.queries),
+                    "loaded": len(loaded_queries),
+                    "used": [[q.text, q.label] for q in used],
+                    "left_out": [{"query": q.text, "label": q.label, "line": q.line} for q in left_out],
+                }
+
             text_started = time.perf_counter()
-            text_vectors = np.concatenate([embedder.encode_texts(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+            plan: list[tuple[str, list[Query], int, list[MethodSpec]]] = []
+            for task in text_tasks:
+                cache: dict[str, np.ndarray] = {}
+                main = prompt_vectors(embedder, task.texts, task.main, cache)
+                # The query's own words, never the template's ("a photo of a" matches nothing useful).
+                words = [keyword_query(t) for t in task.texts] if with_texts else None
+                specs = [
+                    MethodSpec(_method_key(m, e), _method_label(m, e), m, e, main, keep_top10=m == metric0)
+                    for m, e in methods
+                ]
+                if run_hybrid:
+                    specs.append(MethodSpec(_hybrid_key(metric0), _hybrid_label(metric0), metric0, False, main, words))
+                if with_texts:
+                    specs.append(MethodSpec(KEYWORD_METHOD, "keyword only (full text)", keywords=words))
+                for variant in task.variants:
+                    vectors = prompt_vectors(embedder, task.texts, variant, cache)
+                    slug, what = _variant_slug(variant, templates), prompt_name(variant)
+                    key, label = f"{_method_key(metric0, False)}_{slug}", f"{_method_label(metric0, False)}, {what}"
+                    specs.append(MethodSpec(key, label, metric=metric0, vectors=vectors))
+                    if run_hybrid:
+                        key, label = f"{_hybrid_key(metric0)}_{slug}", f"{_hybrid_label(metric0)}, {what}"
+                        specs.append(MethodSpec(key, label, metric=metric0, vectors=vectors, keywords=words))
+                plan.append((task.key, task.queries, n, specs))
             timings["text_encoding_seconds"] = time.perf_counter() - text_started
             i_queries = image_queries(indexed) if labelled else []
-            plan = [(TEXT_TASK, t_queries, text_vectors, n)]
             if labelled:
-                plan.append((IMAGE_TASK, i_queries, image_vectors, n - 1))
+                specs = [
+                    MethodSpec(_method_key(m, e), _method_label(m, e), m, e, image_vectors, keep_top10=m == metric0)
+                    for m, e in methods
+                ]
+                plan.append((IMAGE_TASK, i_queries, n - 1, specs))
 
-            total = sum(len(q) for _, q, _, _ in plan) * len(methods) + len(i_queries) * len(PIXEL_METRICS)
+            total = sum(len(q) * len(specs) for _, q, _, specs in plan) + len(i_queries) * len(PIXEL_METRICS)
             bar = tqdm(total=total, unit="query", desc="querying", disable=not options.progress, dynamic_ncols=True)
             query_started = time.perf_counter()
-            for task, queries, vectors, candidates in plan:
-                tasks[task] = {}
-                for metric, exact in methods:
-                    bar.set_postfix_str(f"{TASK_TITLES[task]}, {_method_label(metric, exact)}")
-                    scores, tops, seconds = run_model_method(
-                        session, query_settings, model_id, vectors, queries, candidates, metric, exact, bar
-                    )
-                    tasks[task][_method_key(metric, exact)] = MethodResult(
-                        _method_key(metric, exact),
-                        _method_label(metric, exact),
+            for task_key, queries, candidates, specs in plan:
+                tasks[task_key] = {}
+                for spec in specs:
+                    bar.set_postfix_str(f"{TASK_TITLES[task_key]}, {spec.label}")
+                    tops = None
+                    if spec.metric is None:
+                        scores, seconds = run_keyword_method(
+                            session,
+                            model_id,
+                            spec.keywords or [],
+                            queries,
+                            candidates,
+                            bar,
+                            query_settings.hybrid_common_fraction,
+                        )
+                    else:
+                        scores, tops, seconds = run_model_method(
+                            session,
+                            query_settings,
+                            model_id,
+                            spec.vectors,
+                            queries,
+                            candidates,
+                            spec.metric,
+                            spec.exact,
+                            bar,
+                            keywords=spec.keywords,
+                        )
+                    tasks[task_key][spec.key] = MethodResult(
+                        spec.key,
+                        spec.label,
                         mean_scores(scores),
                         _per_class(queries, scores),
                         _latency(seconds),
-                        tops if metric == settings.index_metric else None,
+                        tops if spec.keep_top10 else None,
+                        scores if task_key == QUERY_TASK else None,
                     )
             timings["sql_query_seconds"] = time.perf_counter() - query_started
             pixel_started = time.perf_counter()
@@ -569,8 +943,8 @@ def run_eval(settings: Settings, options: EvalOptions) -> EvalReport:
                     )
             timings["pixel_seconds"] = time.perf_counter() - pixel_started
             bar.close()
-            for task, queries, _, candidates in plan:
-                tasks[task]["chance"] = MethodResult(
+            for task_key, queries, candidates, _ in plan:
+                tasks[task_key]["chance"] = MethodResult(
                     "chance", "chance (random ranking)", chance_result(queries, candidates)
                 )
             identity = embedder.identity
@@ -584,6 +958,35 @@ def run_eval(settings: Settings, options: EvalOptions) -> EvalReport:
         if item.label is not None:
             classes[item.label] += 1
     timings["total_seconds"] = time.perf_counter() - started
+    if with_texts:
+        names = [describe(item) for item in indexed.items] if describe else []
+        text_fields = {
+            "name_template": options.name_template,
+            "description_template": options.description_template,
+            "names_from_template": sum(1 for (nm, _), item in zip(names, indexed.items, strict=True) if nm != item.key)
+            if options.name_template
+            else 0,
+            "descriptions_from_template": sum(1 for _, d in names if d),
+            "examples": [[nm, d] for nm, d in names[:3]],
+        }
+    else:
+        text_fields = None
+    if run_hybrid:
+        hybrid = {
+            "run": True,
+            "metric": metric0,
+            "rrf_k": settings.rrf_k,
+            "hybrid_depth": settings.hybrid_depth,
+            "keywords": "the query's own words (search.keyword_query), never the prompt template's",
+        }
+    elif with_texts:
+        hybrid = {"run": False, "reason": "hybrid search is off (CLIPGALLERY_HYBRID_SEARCH)"}
+    else:
+        hybrid = {
+            "run": False,
+            "reason": "no --name-template/--description-template: images are stored with their dataset key as "
+            "name and an empty description, so full text has nothing to match (and nothing can leak)",
+        }
     info.update(
         {
             "set": name,
@@ -593,7 +996,11 @@ def run_eval(settings: Settings, options: EvalOptions) -> EvalReport:
             "images": len(indexed.items),
             "classes": len(classes),
             "text_queries": len(t_queries),
-            "prompt_template": None if options.captions else options.prompt_template,
+            "prompt_template": None if options.captions else (templates[0] if len(templates) == 1 else None),
+            "prompt_templates": None if options.captions else list(templates),
+            "queries": queries_info,
+            "text_fields": text_fields,
+            "hybrid": hybrid,
             "duplicates_merged": len(indexed.duplicates),
             "duplicate_examples": indexed.duplicates[:10],
             "rejected": indexed.rejected,
@@ -751,6 +1158,151 @@ def _describe_selection(info: dict) -> str:
     )
 
 
+def _describe_prompts(info: dict) -> str:
+    templates = info.get("prompt_templates")
+    if not templates:
+        return " (captions, as written)"
+    if len(templates) == 1:
+        return f", prompt template `{templates[0]}`"
+    return (
+        f", prompt ensemble of {len(templates)} templates: "
+        + ", ".join(f"`{t}`" for t in templates)
+        + (" (the mean of each template's L2-normalised text vector, re-normalised)")
+    )
+
+
+def _describe_queries(info: dict) -> list[str]:
+    q = info.get("queries")
+    if not q:
+        return []
+    line = (
+        f"- free-text queries: `{q['file']}`, {len(q['used'])} of {q['loaded']} used, as typed (raw); "
+        f"{len(q['left_out'])} left out (their label has no image here)"
+    )
+    if q["left_out"]:
+        shown = "; ".join(f"line {x['line']} `{x['query']}` → {x['label']}" for x in q["left_out"][:10])
+        line += f": {shown}" + (" …" if len(q["left_out"]) > 10 else "")
+    return [line]
+
+
+def _describe_text_fields(info: dict) -> str:
+    t = info.get("text_fields")
+    if not t:
+        return "the dataset key as name, empty description (no label-like text to match)"
+    parts = []
+    if t["name_template"]:
+        parts.append(
+            f"name `{t['name_template']}` ({t['names_from_template']} of {info['images']} filled, else the key)"
+        )
+    if t["description_template"]:
+        parts.append(
+            f"description `{t['description_template']}` ({t['descriptions_from_template']} of {info['images']} filled)"
+        )
+    example = t["examples"][0] if t["examples"] else None
+    return "; ".join(parts) + (f"; e.g. name {example[0]!r}, description {example[1]!r}" if example else "")
+
+
+def _describe_hybrid(info: dict) -> str:
+    h = info["hybrid"]
+    if not h["run"]:
+        return f"not run: {h['reason']}"
+    return (
+        f"reciprocal rank fusion of {h['metric']} (HNSW) and full-text search over names and descriptions, "
+        f"rrf_k {h['rrf_k']}, depth {h['hybrid_depth']}; keywords: {h['keywords']}"
+    )
+
+
+def _hybrid_section(report: EvalReport) -> list[str]:
+    """Vector-only, hybrid and keyword-only side by side per text task (the main prompt)."""
+    metric = report.info["index"]["metric"]
+    keys = [
+        (_method_key(metric, False), "vector only"),
+        (_hybrid_key(metric), "hybrid"),
+        (KEYWORD_METHOD, "keyword only"),
+    ]
+    rows = [
+        (task, methods) for task, methods in report.tasks.items() if task != IMAGE_TASK and KEYWORD_METHOD in methods
+    ]
+    if not rows:
+        return []
+    present = [(k, name) for k, name in keys if any(k in methods for _, methods in rows)]
+    lines = [
+        "## Hybrid search: what each part contributes",
+        "",
+        "mAP / R@1 / R@10 (%), main prompt of each task. Hybrid and vector-only use the same query vectors; "
+        "keyword only is the full-text ranking alone (images without a match after it, by id).",
+        "",
+        "| task | " + " | ".join(f"{name} mAP / R@1 / R@10" for _, name in present) + " | hybrid − vector mAP |",
+        "|---|" + "---:|" * (len(present) + 1),
+    ]
+    for task, methods in rows:
+        cells = []
+        for key, _ in present:
+            r = methods.get(key)
+            cells.append(
+                "–"
+                if r is None
+                else f"{_pct(r.scores['map'])} / {_pct(r.scores['recall@1'])} / {_pct(r.scores['recall@10'])}"
+            )
+        vector, hybrid = methods.get(keys[0][0]), methods.get(keys[1][0])
+        delta = f"{100 * (hybrid.scores['map'] - vector.scores['map']):+.1f}" if vector and hybrid else "–"
+        lines.append(f"| {TASK_TITLES[task]} | " + " | ".join(cells) + f" | {delta} |")
+    return [*lines, ""]
+
+
+def _prompt_section(report: EvalReport) -> list[str]:
+    """Every prompt variant of the text tasks, through the HNSW index, vector-only and hybrid."""
+    metric = report.info["index"]["metric"]
+    base, hybrid = _method_key(metric, False), _hybrid_key(metric)
+    lines: list[str] = []
+    for task, methods in report.tasks.items():
+        variants = [k[len(base) + 1 :] for k in methods if k.startswith(base + "_")]
+        if task == IMAGE_TASK or not variants:
+            continue
+        main = "raw query" if task == QUERY_TASK or report.info.get("captions") else "main prompt"
+        templates = report.info.get("prompt_templates") or []
+        if task == TEXT_TASK and templates:
+            main = prompt_name(tuple(templates))
+        rows = [("", main)] + [(v, methods[f"{base}_{v}"].label.split(", ", 1)[1]) for v in variants]
+        if not lines:
+            lines += [
+                "## Prompt variants",
+                "",
+                f"mAP / R@1 (%) of the same queries under each prompt, {metric} through HNSW; the first row "
+                "is the task's main prompt (class names: the configured template(s); free-text queries: as typed).",
+                "",
+            ]
+        lines += [f"### {TASK_TITLES[task]}", "", "| prompt | vector only | hybrid |", "|---|---:|---:|"]
+        for slug, what in rows:
+            cells = []
+            for prefix in (base, hybrid):
+                r = methods.get(f"{prefix}_{slug}" if slug else prefix)
+                cells.append("–" if r is None else f"{_pct(r.scores['map'])} / {_pct(r.scores['recall@1'])}")
+            lines.append(f"| {what} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _per_query_section(report: EvalReport) -> list[str]:
+    q = report.info.get("queries")
+    methods = report.tasks.get(QUERY_TASK, {})
+    base = _method_key(report.info["index"]["metric"], False)
+    wanted = {base, _hybrid_key(report.info["index"]["metric"]), KEYWORD_METHOD}
+    shown = [r for k, r in methods.items() if r.per_query is not None and (k in wanted or k.startswith(base + "_"))]
+    if not q or not shown:
+        return []
+    lines = [
+        "### Per query: average precision (%)",
+        "",
+        "| query | label | " + " | ".join(r.label for r in shown) + " |",
+        "|---|---|" + "---:|" * len(shown),
+    ]
+    for i, (text_, label) in enumerate(q["used"]):
+        cells = [_pct(r.per_query[i].average_precision) if r.per_query[i] else "–" for r in shown]
+        lines.append(f"| {text_} | {label} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_markdown(report: EvalReport) -> Path:
     info = report.info
     model = info["model"]
@@ -764,8 +1316,10 @@ def write_markdown(report: EvalReport) -> Path:
         + (", captions" if info["captions"] else ""),
         f"- images: {_describe_selection(info)}",
         f"- model: {model['architecture']} / {model['weights']} ({model['dimension']}-d), from `{model['source']}`",
-        f"- text queries: {info['text_queries']}"
-        + (f", prompt template `{info['prompt_template']}`" if info.get("prompt_template") else " (captions)"),
+        f"- text queries: {info['text_queries']}" + _describe_prompts(info),
+        *_describe_queries(info),
+        f"- names and descriptions: {_describe_text_fields(info)}",
+        f"- hybrid search: {_describe_hybrid(info)}",
         f"- index: HNSW on {info['index']['metric']} (m {info['index']['hnsw_m']}, ef_construction "
         f"{info['index']['hnsw_ef_construction']}, ef_search {info['index']['hnsw_ef_search']}); "
         "other metrics and `exact` run as sequential scans",
@@ -792,14 +1346,26 @@ def write_markdown(report: EvalReport) -> Path:
     for methods in report.tasks.values():
         for key, r in methods.items():
             labels.setdefault(key, r.label)
-    for key, label in labels.items():
+    # The model's rows first, then chance, then the pixel baseline.
+    order = sorted(labels, key=lambda k: (k == "chance") + 2 * k.startswith("pixel_"))
+    for key in order:
         cells = [_pct(report.tasks[t][key].scores["map"]) if key in report.tasks[t] else "n/a" for t in report.tasks]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
+    if QUERY_TASK in report.tasks and info.get("prompt_templates"):
+        lines += [
+            "",
+            f"Rows without a prompt named are each task's main prompt: class names in "
+            f"{prompt_name(tuple(info['prompt_templates']))}; free-text queries as typed (the search box's way).",
+        ]
     lines += ["", f"![mAP per method and task]({report.plot_path.name})", ""]
+    lines += _hybrid_section(report)
+    lines += _prompt_section(report)
     for task, methods in report.tasks.items():
         lines += [f"## {TASK_TITLES[task].capitalize()}", ""]
         lines += _metrics_table(methods)
         lines.append("")
+        if task == QUERY_TASK:
+            lines += _per_query_section(report)
     lines += ["## Exact scan vs HNSW index", ""]
     if report.index_comparison:
         lines += [
@@ -841,20 +1407,27 @@ def _per_class_section(report: EvalReport) -> list[str]:
     if not report.classes:
         return []
     metric = report.info["index"]["metric"]
-    hnsw = _method_key(metric, False)
-    text_r = report.tasks.get(TEXT_TASK, {}).get(hnsw)
-    image_r = report.tasks.get(IMAGE_TASK, {}).get(hnsw)
-    pixels = {k: r for k, r in report.tasks.get(IMAGE_TASK, {}).items() if k.startswith("pixel_")}
+    hnsw, hybrid = _method_key(metric, False), _hybrid_key(metric)
+    columns: list[tuple[str, MethodResult | None]] = []
+    for task, title in ((TEXT_TASK, "text → image"), (QUERY_TASK, "queries → image")):
+        methods = report.tasks.get(task, {})
+        if hnsw in methods:
+            columns.append((title, methods[hnsw]))
+        if hybrid in methods:
+            columns.append((f"{title}, hybrid", methods[hybrid]))
+    image_methods = report.tasks.get(IMAGE_TASK, {})
+    pixels = {k: r for k, r in image_methods.items() if k.startswith("pixel_")}
     best_pixel = max(pixels.values(), key=lambda r: r.scores["map"]) if pixels else None
+    columns += [("image → image", image_methods.get(hnsw)), ("pixel image → image", best_pixel)]
     lines = [
         "## Per class",
         "",
-        f"AP (%) per class: text → image is the class prompt's AP; image → image is the mean AP of the "
-        f"class's images as queries. Model = {metric} through HNSW"
-        + (f"; pixel = the best pixel baseline ({best_pixel.label})." if best_pixel else "."),
+        f"AP (%) per class: text → image is the class prompt's AP; queries → image the mean AP of the class's "
+        f"free-text queries; image → image the mean AP of the class's images as queries. Model = {metric} "
+        "through HNSW" + (f"; pixel = the best pixel baseline ({best_pixel.label})." if best_pixel else "."),
         "",
-        "| class | images | text → image | image → image | pixel image → image |",
-        "|---|---:|---:|---:|---:|",
+        "| class | images | " + " | ".join(title for title, _ in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
     ]
     for label, count in report.classes.items():
 
@@ -863,7 +1436,7 @@ def _per_class_section(report: EvalReport) -> list[str]:
                 return "–"
             return _pct(result.per_class[label]["map"])
 
-        lines.append(f"| {label} | {count} | {cell(text_r)} | {cell(image_r)} | {cell(best_pixel)} |")
+        lines.append(f"| {label} | {count} | " + " | ".join(cell(r) for _, r in columns) + " |")
     return [*lines, ""]
 
 
@@ -880,7 +1453,18 @@ def equivalent_command(options: EvalOptions) -> str:
         args += ["--write-split", str(options.write_split), "--side", options.side]
         args += ["--test-fraction", str(options.test_fraction), "--seed", str(options.seed)]
     if not options.captions:
-        args += ["--prompt-template", options.prompt_template]
+        for template in _prompt_templates(options):
+            args += ["--prompt-template", template]
+    if options.queries:
+        args += ["--queries", str(options.queries)]
+        if options.query_column:
+            args += ["--query-column", options.query_column]
+        if options.query_label_column:
+            args += ["--query-label-column", options.query_label_column]
+    if options.name_template:
+        args += ["--name-template", options.name_template]
+    if options.description_template:
+        args += ["--description-template", options.description_template]
     if options.limit is not None:
         args += ["--limit", str(options.limit)]
     if tuple(options.metrics) != METRICS:

@@ -12,8 +12,18 @@ import pytest
 from PIL import Image, ImageDraw
 
 from clipgallery import cli
-from clipgallery.datasets import LabelledImage, read_split
-from clipgallery.evaluation import EvalOptions, pixel_distances, round_robin, run_eval
+from clipgallery.datasets import LabelledImage, LabelledQuery, load_queries_csv, read_split
+from clipgallery.evaluation import (
+    RAW_PROMPT,
+    EvalOptions,
+    item_texts,
+    keyword_ranking,
+    pixel_distances,
+    prompt_variants,
+    prompt_vectors,
+    round_robin,
+    run_eval,
+)
 from clipgallery.metrics import METRIC_KEYS
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 210)}
@@ -32,16 +42,17 @@ def _coloured(path: Path, base: tuple[int, int, int], seed: int) -> None:
 
 @pytest.fixture
 def colour_set(tmp_path) -> Path:
-    """3 classes x 6 images, class folders under images/, plus labels.csv; one exact duplicate."""
+    """3 classes x 6 images, class folders under images/, plus labels.csv (with a product-like
+    title column, the class word in it); one exact duplicate."""
     rows = []
     for c, (label, base) in enumerate(COLOURS.items()):
         for i in range(6):
             _coloured(tmp_path / "images" / label / f"{i}.png", base, seed=10 * c + i)
-            rows.append([f"{label}/{i}.png", label])
+            rows.append([f"{label}/{i}.png", label, f"{label.title()}  Tile {i}", "" if i % 2 else f"plain {label}"])
     (tmp_path / "images" / "red" / "copy.png").write_bytes((tmp_path / "images" / "red" / "0.png").read_bytes())
-    rows.append(["red/copy.png", "red"])
+    rows.append(["red/copy.png", "red", "Red Tile copy", ""])
     with (tmp_path / "labels.csv").open("w", newline="") as fh:
-        csv.writer(fh).writerows([["filename", "kind"], *rows])
+        csv.writer(fh).writerows([["filename", "kind", "title", "note"], *rows])
     return tmp_path
 
 
@@ -82,7 +93,9 @@ def test_eval_end_to_end(settings, pg_server, colour_set, tmp_path):
         "model_l1_exact",
         "chance",
     }
-    assert set(data["tasks"]["text_to_image"]) == expected_methods
+    # Plus the raw class name beside the prompt; no hybrid or keyword rows without name templates.
+    assert set(data["tasks"]["text_to_image"]) == expected_methods | {"model_cosine_hnsw_raw"}
+    assert data["info"]["hybrid"]["run"] is False and "hybrid search: not run" in markdown
     pixels = {"pixel_l1", "pixel_l2", "pixel_cosine", "pixel_correlation"}
     assert set(data["tasks"]["image_to_image"]) == expected_methods | pixels
     for task in data["tasks"].values():
@@ -132,12 +145,25 @@ def test_eval_command_with_a_new_split(settings, pg_server, colour_set, tmp_path
     assert data["info"]["images"] + data["info"]["duplicates_merged"] == len(tested)
     assert data["info"]["split"]["side"] == "test" and data["info"]["split"]["seed"] == 3
     assert data["info"]["prompt_template"] == "{} things"
-    assert set(data["tasks"]["text_to_image"]) == {"model_cosine_hnsw", "model_cosine_exact", "chance"}
+    assert set(data["tasks"]["text_to_image"]) == {
+        "model_cosine_hnsw",
+        "model_cosine_exact",
+        "model_cosine_hnsw_raw",
+        "chance",
+    }
     assert "clipgallery eval" in (out / "report.md").read_text()
     assert _eval_databases(pg_server) == []
     # Bad input is an error message, not a traceback.
     assert cli.main(["eval", str(colour_set / "labels.csv"), "-q"]) == 1
     assert "label column" in capsys.readouterr().err
+    bad = tmp_path / "bad-queries.csv"
+    bad.write_text("words,kind\nsomething crimson,red\n")
+    argv = ["eval", str(colour_set / "labels.csv"), "--label-column", "kind", "--queries", str(bad), "-q"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no query column" in err and "--query-column" in err and "words, kind" in err
+    assert cli.main([*argv, "--query-column", "words", "--name-template", "{colour}"]) == 1
+    assert "--name-template" in capsys.readouterr().err and _eval_databases(pg_server) == []
 
 
 def test_eval_captions(settings, pg_server, colour_set, tmp_path):
@@ -181,3 +207,148 @@ def test_round_robin_limit_keeps_every_class():
     items = [LabelledImage(f"{c}/{i}", Path(f"/{c}/{i}"), c) for c in "abc" for i in range(5)]
     chosen = round_robin(items, 7)
     assert [i.key for i in chosen] == ["a/0", "b/0", "c/0", "a/1", "b/1", "c/1", "a/2"]
+
+
+# --- free-text queries, hybrid search and prompt ensembles -------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_load_queries_csv(tmp_path):
+    shipped = load_queries_csv(REPO / "docs" / "queries" / "fashion_label_free.csv")
+    assert len(shipped) == 96 and shipped[0] == LabelledQuery("a plain tee", "Tshirts", 2)
+    # Other column names: given explicitly, or the set's own label column as a fallback.
+    path = tmp_path / "q.csv"
+    path.write_text("phrase,articleType\n  a   plain tee ,Tshirts\n")
+    with pytest.raises(ValueError, match=r"no query column .*--query-column.*columns are phrase, articleType"):
+        load_queries_csv(path)
+    assert load_queries_csv(path, query_column="phrase", extra_label_columns=["articleType"]) == [
+        LabelledQuery("a plain tee", "Tshirts", 2)
+    ]
+    with pytest.raises(ValueError, match=r"no label column .*--query-label-column"):
+        load_queries_csv(path, query_column="phrase")
+    with pytest.raises(ValueError, match=r"no label column 'kind' \(--query-label-column\)"):
+        load_queries_csv(path, query_column="phrase", label_column="kind")
+    path.write_text("query,label\na tee,Tshirts\nshades,\n")
+    with pytest.raises(ValueError, match=r"line 3: empty label"):
+        load_queries_csv(path)
+    path.write_text("query,label\na tee,Tshirts\na  tee,Tshirts\n")
+    with pytest.raises(ValueError, match=r"line 3: repeats line 2"):
+        load_queries_csv(path)
+
+
+def test_item_texts_render_like_training_captions():
+    item = LabelledImage("x/1.png", Path("/x/1.png"), "red", metadata={"title": " Red   Tile ", "note": ""})
+    assert item_texts(item, "{title}", "{note}") == ("Red Tile", "")
+    assert item_texts(item, "{note}", "{label} thing") == ("x/1.png", "red thing")  # empty name: the key
+    assert item_texts(item, None, None) == ("x/1.png", "")
+
+
+def test_prompt_ensemble_is_the_normalised_mean(embedder):
+    texts = ["red", "a blue square"]
+    templates = ("a photo of a {}", "{} things")
+    parts = [embedder.encode_texts([t.format(x) for x in texts]) for t in templates]
+    parts = [p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts]
+    mean = np.mean(parts, axis=0)
+    expected = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    got = prompt_vectors(embedder, texts, templates)
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert np.linalg.norm(got, axis=1) == pytest.approx(1.0, abs=1e-5)
+    assert prompt_vectors(embedder, texts, templates[:1]) == pytest.approx(parts[0], abs=1e-6)
+    assert prompt_variants(templates, RAW_PROMPT) == [(templates[0],), (templates[1],), templates]
+    assert prompt_variants(("{}",), ("{}",)) == []
+
+
+def test_keyword_only_ranks_the_one_matching_name_first(session, embedder, storage):
+    from clipgallery.gallery import gallery_model_id
+    from clipgallery.ingest import ingest_image
+    from clipgallery.search import keyword_query, search_vector
+    from tests.conftest import jpeg
+
+    names = ["Blue Denim Jacket", "Red Cotton Dress", "Zebra Print Scarf", "Green Wool Hat", "Red Wool Scarf"]
+    ids = [
+        ingest_image(session, embedder, storage, jpeg(seed), f"{seed}.jpg", name, "").image_id
+        for seed, name in enumerate(names)
+    ]
+    session.commit()
+    model_id = gallery_model_id(session, embedder)
+    ranking = keyword_ranking(session, model_id, keyword_query("a zebra, please"), 10)
+    assert ranking == [ids[2], *sorted(set(ids) - {ids[2]})]  # the match, then the rest by id
+    # More matching words rank higher (ts_rank_cd), as on the keyword side of hybrid search.
+    assert keyword_ranking(session, model_id, keyword_query("red wool"), 2) == [ids[4], ids[1]]
+    assert keyword_ranking(session, model_id, None, 10) == sorted(ids)
+    # Hybrid search puts the only name match first too (with a query vector unrelated to it).
+    vector = embedder.encode_text("a green hat")
+    page = search_vector(session, embedder.settings, model_id, vector, k=5, keywords=keyword_query("zebra"))
+    assert page.hybrid and page.hits[0].id == ids[2] and page.hits[0].text_match
+
+
+def test_eval_queries_hybrid_and_prompt_ensemble(settings, pg_server, colour_set, tmp_path):
+    queries = tmp_path / "queries.csv"
+    queries.write_text(
+        "query,class\nsomething crimson,red\nfresh grass,green\nthe clear sky,blue\na purple plum,purple\n"
+    )
+    out = tmp_path / "hybrid-report"
+    templates = ("a photo of a {}", "{} things")
+    report = run_eval(
+        # Three classes: each class word is in a third of the titles, which hybrid search would
+        # leave out as too common by default (hybrid_common_fraction 0.2; tested in test_hybrid_search).
+        settings.with_overrides(hybrid_common_fraction=1.0),
+        EvalOptions(
+            source=colour_set / "labels.csv",
+            label_column="kind",
+            queries=queries,
+            prompt_templates=templates,
+            name_template="{title}",
+            description_template="{note}",
+            metrics=("cosine",),
+            out_dir=out,
+            progress=False,
+        ),
+    )
+    data = json.loads((out / "results.json").read_text())
+    info = data["info"]
+    assert info["prompt_templates"] == list(templates) and info["hybrid"]["run"] is True
+    assert info["queries"]["used"] == [
+        ["something crimson", "red"],
+        ["fresh grass", "green"],
+        ["the clear sky", "blue"],
+    ]
+    assert info["queries"]["left_out"] == [{"query": "a purple plum", "label": "purple", "line": 5}]
+    assert info["text_fields"]["examples"][0] == ["Red Tile 0", "plain red"]
+    assert info["text_fields"]["names_from_template"] == 18 and info["text_fields"]["descriptions_from_template"] == 9
+    common = {"model_cosine_hnsw", "model_cosine_exact", "hybrid_cosine_hnsw", "keyword_only", "chance"}
+    # Class prompts: the ensemble is the main vector; raw and each template alone are variants.
+    variants = {f"{kind}_cosine_hnsw_{v}" for kind in ("model", "hybrid") for v in ("raw", "prompt1", "prompt2")}
+    assert set(data["tasks"]["text_to_image"]) == common | variants
+    # Free-text queries: as typed is the main vector; each template and the ensemble are variants.
+    variants = {f"{kind}_cosine_hnsw_{v}" for kind in ("model", "hybrid") for v in ("prompt1", "prompt2", "ensemble")}
+    assert set(data["tasks"]["queries"]) == common | variants
+    assert "hybrid_cosine_hnsw" not in data["tasks"]["image_to_image"]
+    query_task = data["tasks"]["queries"]
+    assert query_task["model_cosine_hnsw"]["metrics"]["queries"] == 3
+    assert len(query_task["keyword_only"]["per_query"]) == 3
+    # The titles hold the class word: keyword search alone finds each class perfectly (the leak the
+    # label-free queries exist to rule out), and hybrid keeps it on top.
+    class_task = data["tasks"]["text_to_image"]
+    assert class_task["keyword_only"]["metrics"]["map"] == 1.0
+    assert class_task["hybrid_cosine_hnsw"]["metrics"]["recall@1"] == 1.0
+    # No query word occurs in any title or description: the keyword ranking is the id order.
+    assert query_task["keyword_only"]["metrics"]["map"] == pytest.approx(
+        np.mean([v["map"] for v in query_task["keyword_only"]["per_query"]])
+    )
+    markdown = (out / "report.md").read_text()
+    for section in (
+        "## Hybrid search: what each part contributes",
+        "## Prompt variants",
+        "## Free-text queries → image",
+        "### Per query: average precision (%)",
+        "| something crimson | red |",
+        "line 5 `a purple plum` → purple",
+        "prompt ensemble of 2 templates",
+        "queries → image, hybrid",
+    ):
+        assert section in markdown, section
+    assert "--name-template '{title}'" in info["command"] and "--prompt-template '{} things'" in info["command"]
+    assert any(line.startswith("free-text queries → image:") for line in report.summary_lines())
+    assert _eval_databases(pg_server) == []
