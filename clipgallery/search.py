@@ -124,10 +124,13 @@ def search_sql(
     )
 
 
-# The keyword side ranks at most this many matching images. A word found in a large share of a big
-# gallery says little about any one image, and ranking all its matches would cost more than the
-# whole vector search (docs/benchmarks.md); rarer words keep every match.
-KEYWORD_SCAN_LIMIT = 1000
+# The keyword side ranks at most KEYWORD_SCAN_LIMIT matching images, drawn from a random sample of
+# about GIN_FUZZY_SEARCH_LIMIT (PostgreSQL's gin_fuzzy_search_limit) when a word has more matches.
+# A word shared by thousands of images says little about any one of them, and listing and ranking
+# all its matches cost 5x the whole vector search at 1M images (docs/benchmarks.md); rarer words
+# keep every match.
+KEYWORD_SCAN_LIMIT = 300
+GIN_FUZZY_SEARCH_LIMIT = 1000
 # Words of a query, for the keyword side of hybrid search. At most 32: the rest adds nothing.
 _WORD = re.compile(r"\w+")
 MAX_KEYWORDS = 32
@@ -252,12 +255,21 @@ def search_vector(
             keyword_scan=KEYWORD_SCAN_LIMIT,
             common_fraction=settings.hybrid_common_fraction,
         )
+    # Transaction-local settings, all in one round trip.
+    configs: list[str] = []
     if uses_index:
         ef_search = min(MAX_EF_SEARCH, max(settings.hnsw_ef_search, depth))
-        # One round trip for both settings. Filters (model, threshold, excluded image) can drop
-        # candidates: the iterative scan keeps searching the graph until the page is full.
-        iterative = ", set_config('hnsw.iterative_scan', 'strict_order', true)" if _has_iterative_scan(session) else ""
-        session.execute(text(f"SELECT set_config('hnsw.ef_search', :ef, true){iterative}"), {"ef": str(ef_search)})
+        configs.append(f"set_config('hnsw.ef_search', '{int(ef_search)}', true)")
+        # Filters (model, threshold, excluded image) can drop candidates: the iterative scan keeps
+        # searching the graph until the page is full.
+        if _has_iterative_scan(session):
+            configs.append("set_config('hnsw.iterative_scan', 'strict_order', true)")
+    if keywords:
+        # A word in tens of thousands of images would make the GIN index list them all; a random
+        # sample of about this many is what the keyword side can use anyway (KEYWORD_SCAN_LIMIT).
+        configs.append(f"set_config('gin_fuzzy_search_limit', '{GIN_FUZZY_SEARCH_LIMIT}', true)")
+    if configs:
+        session.execute(text(f"SELECT {', '.join(configs)}"))
     rows = session.execute(text(sql), params).all()
     hits = [
         SearchHit(
