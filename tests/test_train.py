@@ -224,6 +224,35 @@ def test_captions_from_templates():
         train_module.check_templates([item], ("{colour} {articletype}",))
 
 
+def _unit(rows: int, seed: int) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(rows, 16, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_multi_positive_loss_is_clip_loss_with_one_positive_each():
+    import open_clip
+
+    images, texts, scale = _unit(6, 1), _unit(6, 2), torch.tensor(20.0)
+    expected = open_clip.ClipLoss()(images, texts, scale)
+    got = train_module.multi_positive_loss(images, texts, scale, torch.eye(6, dtype=torch.bool))
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_caption_true_of_several_images_is_a_positive_of_each():
+    # Image 0 has captions {0: "Tshirts", 1: "Black Tshirts"}, image 1 {0, 2: "Men Tshirts"}, image 2 {3: "Belts"};
+    # the captions drawn this step are 1, 0, 3: "Tshirts" (drawn for image 1) is also true of image 0.
+    positives = train_module.caption_positives([{0, 1}, {0, 2}, {3}], [1, 0, 3])
+    assert positives.tolist() == [[True, True, False], [False, True, False], [False, False, True]]
+
+    images, texts, scale = _unit(3, 3), _unit(3, 4), torch.tensor(10.0)
+    logits = scale * images @ texts.T
+    image_target = torch.tensor([[0.5, 0.5, 0], [0, 1, 0], [0, 0, 1]])  # each row: the captions true of image i
+    text_target = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0, 0, 1]])  # each row: the images caption j is true of
+    expected = (
+        -(image_target * logits.log_softmax(1)).sum(1).mean() - (text_target * logits.T.log_softmax(1)).sum(1).mean()
+    ) / 2
+    assert torch.allclose(train_module.multi_positive_loss(images, texts, scale, positives), expected, atol=1e-5)
+
+
 def test_label_free_queries_avoid_every_label_word():
     """docs/queries/fashion_label_free.csv: no word of any class name (nor its singular) in any query."""
     rows = list(csv.DictReader((REPO / "docs" / "queries" / "fashion_label_free.csv").open()))
