@@ -225,6 +225,15 @@ def _register_vector_type(dbapi_connection, _record) -> None:
         dbapi_connection.rollback()
 
 
+def dispose_engine(settings: Settings | None = None) -> None:
+    """Close the pooled connections to one database (e.g. before it is dropped)."""
+    url = database_url(settings)
+    with _engines_lock:
+        engine = _engines.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+
+
 def dispose_engines() -> None:
     with _engines_lock:
         for engine in _engines.values():

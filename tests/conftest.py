@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -78,8 +79,8 @@ def fresh_database(pg_server, template: str | None) -> str:
 
 
 @pytest.fixture
-def settings(pg_server, template_database, tiny_model_dir, tmp_path) -> Settings:
-    return Settings(
+def settings(pg_server, template_database, tiny_model_dir, tmp_path) -> Iterator[Settings]:
+    settings = Settings(
         database_url=fresh_database(pg_server, template_database),
         state_dir=tmp_path / "state",
         upload_dir=tmp_path / "uploads",
@@ -89,17 +90,23 @@ def settings(pg_server, template_database, tiny_model_dir, tmp_path) -> Settings
         max_image_pixels=4_000_000,
         thumbnail_size=64,
     )
+    yield settings
+    # Each test has its own database: without this its idle pooled connections would stay open
+    # until the session ends, and a few hundred tests exhaust the server's max_connections.
+    db.dispose_engine(settings)
 
 
 @pytest.fixture
-def empty_settings(pg_server, tiny_model_dir, tmp_path) -> Settings:
+def empty_settings(pg_server, tiny_model_dir, tmp_path) -> Iterator[Settings]:
     """Settings on a brand-new database without any schema."""
-    return Settings(
+    settings = Settings(
         database_url=fresh_database(pg_server, None),
         state_dir=tmp_path / "state",
         upload_dir=tmp_path / "uploads",
         model_name=str(tiny_model_dir),
     )
+    yield settings
+    db.dispose_engine(settings)
 
 
 @pytest.fixture
@@ -142,6 +149,33 @@ def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
 
 def jpeg(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
     return encode(picture(seed, size), "JPEG", quality=90)
+
+
+def insert_synthetic_images(session, model_id: int, vectors: np.ndarray, description_sql: str = "''") -> list[int]:
+    """Rows without files, named 'item <n>', with the given vectors (fast: one INSERT, one COPY), for
+    tests that need thousands of images. `description_sql` may use the series number `g`."""
+    from sqlalchemy import text
+
+    session.execute(
+        text(
+            "INSERT INTO images (sha256, original_filename, stored_path, thumbnail_path, name, description, "
+            "mime_type, width, height, byte_size) SELECT md5(g::text) || md5(g::text), 'f.jpg', 'o/' || g, "
+            f"'t/' || g, 'item ' || g, {description_sql}, 'image/jpeg', 1, 1, 1 "
+            "FROM generate_series(1, :n) g"
+        ),
+        {"n": len(vectors)},
+    )
+    ids = session.execute(text("SELECT id FROM images ORDER BY id DESC LIMIT :n"), {"n": len(vectors)}).scalars()
+    ids = sorted(ids)
+    with (
+        session.connection().connection.cursor() as cursor,
+        cursor.copy("COPY image_embeddings (image_id, model_id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy,
+    ):
+        copy.set_types(["int4", "int4", "vector"])
+        for image_id, vector in zip(ids, np.asarray(vectors, dtype=np.float32), strict=True):
+            copy.write_row((image_id, model_id, vector))
+    session.commit()
+    return ids
 
 
 def files_on_disk(storage: Storage) -> set[str]:

@@ -8,7 +8,7 @@ from clipgallery.gallery import ImageFilters, gallery_model_id, update_image
 from clipgallery.ingest import ingest_image
 from clipgallery.models import HNSW_INDEX_NAME
 from clipgallery.search import WORDS_CTE_SQL, hybrid_search_sql, keyword_query, search_text, search_vector
-from tests.conftest import encode, jpeg, picture
+from tests.conftest import encode, insert_synthetic_images, jpeg, picture
 
 
 @pytest.fixture
@@ -126,23 +126,9 @@ def test_hybrid_search_uses_the_hnsw_index_on_thousands_of_rows(session, embedde
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(3000, 64)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    session.execute(
-        text(
-            "INSERT INTO images (sha256, original_filename, stored_path, thumbnail_path, name, description, "
-            "mime_type, width, height, byte_size) SELECT md5(g::text) || md5(g::text), 'f.jpg', 'o/' || g, "
-            "'t/' || g, 'item ' || g, CASE WHEN g % 100 = 0 THEN 'rare word' ELSE '' END, 'image/jpeg', 1, 1, 1 "
-            "FROM generate_series(1, 3000) g"
-        )
+    ids = insert_synthetic_images(
+        session, model_id, vectors, description_sql="CASE WHEN g % 100 = 0 THEN 'rare word' ELSE '' END"
     )
-    ids = session.execute(text("SELECT id FROM images ORDER BY id")).scalars().all()
-    with (
-        session.connection().connection.cursor() as cursor,
-        cursor.copy("COPY image_embeddings (image_id, model_id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy,
-    ):
-        copy.set_types(["int4", "int4", "vector"])
-        for image_id, vector in zip(ids, vectors, strict=True):
-            copy.write_row((image_id, model_id, vector))
-    session.commit()
     session.execute(text("ANALYZE images; ANALYZE image_embeddings"))
     sql = hybrid_search_sql("cosine", uses_index=True, with_threshold=False, with_exclude=False)
     params = {

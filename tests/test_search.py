@@ -13,7 +13,7 @@ from clipgallery.search import (
     search_text,
     search_vector,
 )
-from tests.conftest import jpeg
+from tests.conftest import insert_synthetic_images, jpeg
 
 
 @pytest.fixture
@@ -148,22 +148,7 @@ def test_the_default_search_uses_the_hnsw_index_on_thousands_of_rows(session, em
     centres = rng.normal(size=(20, 64))
     vectors = centres[rng.integers(0, 20, 5000)] + 0.3 * rng.normal(size=(5000, 64))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    session.execute(
-        text(
-            "INSERT INTO images (sha256, original_filename, stored_path, thumbnail_path, name, mime_type, "
-            "width, height, byte_size) SELECT md5(g::text) || md5(g::text), 'f.jpg', 'o/' || g, 't/' || g, "
-            "'synthetic ' || g, 'image/jpeg', 1, 1, 1 FROM generate_series(1, 5000) g"
-        )
-    )
-    ids = session.execute(text("SELECT id FROM images ORDER BY id")).scalars().all()
-    with (
-        session.connection().connection.cursor() as cursor,
-        cursor.copy("COPY image_embeddings (image_id, model_id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy,
-    ):
-        copy.set_types(["int4", "int4", "vector"])
-        for image_id, vector in zip(ids, vectors.astype(np.float32), strict=True):
-            copy.write_row((image_id, model_id, vector))
-    session.commit()
+    ids = insert_synthetic_images(session, model_id, vectors)
     session.execute(text("ANALYZE images; ANALYZE image_embeddings"))
 
     sql = search_sql("cosine", uses_index=True, with_threshold=False, with_exclude=False)

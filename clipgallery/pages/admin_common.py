@@ -149,6 +149,35 @@ def admin_frame(current: str, title: str, subtitle: str, *children: rx.Component
     )
 
 
+def delete_dialog(state: type[rx.State]) -> rx.Component:
+    """The "delete for good?" confirmation of an admin page. `state` has delete_prompt, delete_open,
+    busy, confirm_delete and set_delete_open."""
+    return rx.alert_dialog.root(
+        rx.alert_dialog.content(
+            rx.alert_dialog.title(state.delete_prompt),
+            rx.alert_dialog.description(
+                "The originals, their thumbnails and their vectors are removed for good.", size="2"
+            ),
+            rx.hstack(
+                rx.alert_dialog.cancel(rx.button("Cancel", variant="soft", color_scheme="gray")),
+                rx.button(
+                    "Delete",
+                    color_scheme="red",
+                    on_click=state.confirm_delete,
+                    loading=state.busy,
+                    data_testid="confirm-delete",
+                ),
+                justify="end",
+                spacing="3",
+                margin_top="1em",
+            ),
+            max_width="28em",
+        ),
+        open=state.delete_open,
+        on_open_change=state.set_delete_open,
+    )
+
+
 def field_label(text: str, html_for: str) -> rx.Component:
     return rx.el.label(text, html_for=html_for, style={"font_weight": "500", "font_size": "var(--font-size-2)"})
 

@@ -18,7 +18,15 @@ import reflex as rx
 
 from clipgallery import db, duplicates, gallery
 from clipgallery.config import get_settings
-from clipgallery.pages.admin_common import AdminState, Refused, admin_frame, check_admin_token, field_label, human_bytes
+from clipgallery.pages.admin_common import (
+    AdminState,
+    Refused,
+    admin_frame,
+    check_admin_token,
+    delete_dialog,
+    field_label,
+    human_bytes,
+)
 from clipgallery.search import InvalidQuery
 from clipgallery.storage import Storage
 
@@ -395,33 +403,6 @@ def group_card(group: rx.Var[DuplicateGroupRow]) -> rx.Component:
     )
 
 
-def delete_dialog() -> rx.Component:
-    return rx.alert_dialog.root(
-        rx.alert_dialog.content(
-            rx.alert_dialog.title(DuplicatesState.delete_prompt),
-            rx.alert_dialog.description(
-                "The originals, their thumbnails and their vectors are removed for good.", size="2"
-            ),
-            rx.hstack(
-                rx.alert_dialog.cancel(rx.button("Cancel", variant="soft", color_scheme="gray")),
-                rx.button(
-                    "Delete",
-                    color_scheme="red",
-                    on_click=DuplicatesState.confirm_delete,
-                    loading=DuplicatesState.busy,
-                    data_testid="confirm-delete",
-                ),
-                justify="end",
-                spacing="3",
-                margin_top="1em",
-            ),
-            max_width="28em",
-        ),
-        open=DuplicatesState.delete_open,
-        on_open_change=DuplicatesState.set_delete_open,
-    )
-
-
 def duplicates_panel() -> rx.Component:
     return rx.vstack(
         threshold_form(),
@@ -451,7 +432,7 @@ def duplicates_panel() -> rx.Component:
             rx.text(DuplicatesState.summary, size="2", color_scheme="gray", data_testid="duplicates-summary"),
         ),
         rx.foreach(DuplicatesState.groups, group_card),
-        delete_dialog(),
+        delete_dialog(DuplicatesState),
         spacing="4",
         width="100%",
     )

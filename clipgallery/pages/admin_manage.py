@@ -14,7 +14,7 @@ import reflex as rx
 from clipgallery import db, gallery, ingest
 from clipgallery.config import get_settings
 from clipgallery.embedding import ModelUnavailableError, get_embedder
-from clipgallery.pages.admin_common import AdminState, Refused, admin_frame, field_label, human_bytes
+from clipgallery.pages.admin_common import AdminState, Refused, admin_frame, delete_dialog, field_label, human_bytes
 from clipgallery.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -507,33 +507,6 @@ def edit_dialog() -> rx.Component:
     )
 
 
-def delete_dialog() -> rx.Component:
-    return rx.alert_dialog.root(
-        rx.alert_dialog.content(
-            rx.alert_dialog.title(ManageState.delete_prompt),
-            rx.alert_dialog.description(
-                "The originals, their thumbnails and their vectors are removed for good.", size="2"
-            ),
-            rx.hstack(
-                rx.alert_dialog.cancel(rx.button("Cancel", variant="soft", color_scheme="gray")),
-                rx.button(
-                    "Delete",
-                    color_scheme="red",
-                    on_click=ManageState.confirm_delete,
-                    loading=ManageState.busy,
-                    data_testid="confirm-delete",
-                ),
-                justify="end",
-                spacing="3",
-                margin_top="1em",
-            ),
-            max_width="28em",
-        ),
-        open=ManageState.delete_open,
-        on_open_change=ManageState.set_delete_open,
-    )
-
-
 def pager() -> rx.Component:
     return rx.hstack(
         rx.button(
@@ -583,7 +556,7 @@ def manage_panel() -> rx.Component:
         ),
         pager(),
         edit_dialog(),
-        delete_dialog(),
+        delete_dialog(ManageState),
         spacing="3",
         width="100%",
     )
