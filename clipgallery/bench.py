@@ -1678,8 +1678,8 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             "the exact top 10 (numpy, float32); SQL is `search.search_sql` exactly as the app runs it "
             "(`hnsw.iterative_scan = strict_order`, join to `images`, `ORDER BY distance, id LIMIT 11`), "
             "prepared, one connection, warm. The app's vector column is `vector(512)` with `STORAGE PLAIN`; "
-            "`halfvec` is an expression index on `embedding::halfvec(512)` on the same table. HNSW m = 16, "
-            "ef_construction = 64.",
+            "`halfvec` is an expression index on `embedding::halfvec(512)` on the same table. HNSW "
+            f"m = {Settings().hnsw_m}, ef_construction = {Settings().hnsw_ef_construction}.",
             "",
         ]
         rows = []

@@ -581,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     threshold.add_argument("--min-similarity", type=float, metavar="S", help="smallest similarity, i.e. 1 - D")
     p.add_argument("--limit", type=int, metavar="N", help="at most N groups, tightest first")
     p.add_argument("--neighbours", type=int, default=10, help="nearest images compared with each image")
-    p.add_argument("--ef-search", type=int, help="HNSW search breadth per image (default CLIPGALLERY_HNSW_EF_SEARCH)")
+    p.add_argument("--ef-search", type=int, help="HNSW search breadth per image (default 40)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_duplicates)
 
