@@ -178,6 +178,19 @@ def insert_synthetic_images(session, model_id: int, vectors: np.ndarray, descrip
     return ids
 
 
+def ids_page_by_page(session, embedder, query: str, k: int) -> list[int]:
+    """Image ids of a text search collected by following its pages of k until the last."""
+    from clipgallery.search import search_text
+
+    collected, offset = [], 0
+    while True:
+        page = search_text(session, embedder, query, k=k, offset=offset)
+        collected += [h.id for h in page.hits]
+        if not page.has_more:
+            return collected
+        offset += k
+
+
 def files_on_disk(storage: Storage) -> set[str]:
     return {str(p.relative_to(storage.root)) for p in storage.iter_files()}
 

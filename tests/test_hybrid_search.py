@@ -8,7 +8,7 @@ from clipgallery.gallery import ImageFilters, gallery_model_id, update_image
 from clipgallery.ingest import ingest_image
 from clipgallery.models import HNSW_INDEX_NAME
 from clipgallery.search import WORDS_CTE_SQL, hybrid_search_sql, keyword_query, search_text, search_vector
-from tests.conftest import encode, insert_synthetic_images, jpeg, picture
+from tests.conftest import encode, ids_page_by_page, insert_synthetic_images, jpeg, picture
 
 
 @pytest.fixture
@@ -97,13 +97,7 @@ def test_paging_through_hybrid_results_has_no_gaps_or_repeats(gallery, session, 
     update_image(session, gallery[20], description="a green field")
     full = search_text(session, embedder, "green", k=30)
     assert not full.has_more and len(full.hits) == 30
-    collected, offset = [], 0
-    while True:
-        page = search_text(session, embedder, "green", k=7, offset=offset)
-        collected += [h.id for h in page.hits]
-        if not page.has_more:
-            break
-        offset += 7
+    collected = ids_page_by_page(session, embedder, "green", k=7)
     assert collected == [h.id for h in full.hits]
     assert set(collected[:2]) == {gallery[7], gallery[20]}
 

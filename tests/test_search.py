@@ -13,7 +13,7 @@ from clipgallery.search import (
     search_text,
     search_vector,
 )
-from tests.conftest import insert_synthetic_images, jpeg
+from tests.conftest import ids_page_by_page, insert_synthetic_images, jpeg
 
 
 @pytest.fixture
@@ -71,14 +71,7 @@ def test_index_search_matches_exact_search_on_a_small_gallery(gallery, session, 
 def test_paging_walks_the_whole_order_without_gaps_or_repeats(gallery, session, embedder):
     full = search_text(session, embedder, "green", k=40, exact=True)
     assert not full.has_more and len(full.hits) == 40
-    collected = []
-    offset = 0
-    while True:
-        page = search_text(session, embedder, "green", k=7, offset=offset)
-        collected += [h.id for h in page.hits]
-        if not page.has_more:
-            break
-        offset += 7
+    collected = ids_page_by_page(session, embedder, "green", k=7)
     assert collected == [h.id for h in full.hits]
     distances = [h.distance for h in full.hits]
     assert distances == sorted(distances)
