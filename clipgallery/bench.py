@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from clipgallery.config import PROJECT_ROOT, Settings
+from clipgallery.embedding import resolve_text_precision
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +236,11 @@ def bench_model_dir(options: BenchOptions) -> Path:
     return path
 
 
-def make_embedder(settings: Settings, model_dir: Path, precision: str):
+def make_embedder(settings: Settings, model_dir: Path, precision: str, text_precision: str | None = None):
     from clipgallery.embedding import Embedder
 
-    embedder = Embedder(settings.with_overrides(model_name=str(model_dir), precision=precision))
+    changes = {"text_precision": text_precision} if text_precision else {}
+    embedder = Embedder(settings.with_overrides(model_name=str(model_dir), precision=precision, **changes))
     embedder.load()
     return embedder
 
@@ -597,8 +599,8 @@ def measure_model_fidelity(settings: Settings, model_dir: Path, files: list[Path
     import torch
     from PIL import Image
 
-    fp32 = make_embedder(settings, model_dir, "fp32")
-    int8 = make_embedder(settings, model_dir, "int8")
+    fp32 = make_embedder(settings, model_dir, "fp32", text_precision="fp32")
+    int8 = make_embedder(settings, model_dir, "int8", text_precision="fp32")
     pixels = torch.stack([fp32.preprocess(Image.open(p).convert("RGB")) for p in files])
     out = {"fp32": [], "int8": []}
     times = {"fp32": 0.0, "int8": 0.0}
@@ -609,13 +611,16 @@ def measure_model_fidelity(settings: Settings, model_dir: Path, files: list[Path
             out[key].append(embedder.encode_preprocessed(pixels[start : start + batch]))
             times[key] += time.perf_counter() - t
     prompts = text_prompts(20)
-    result = fidelity(
-        np.concatenate(out["fp32"]),
-        np.concatenate(out["int8"]),
-        fp32.encode_texts(prompts),
-        int8.encode_texts(prompts),
-        labels_of(files),
-    )
+    images_fp32 = np.concatenate(out["fp32"])
+    text_fp32 = fp32.encode_texts(prompts)
+    result = fidelity(images_fp32, np.concatenate(out["int8"]), text_fp32, int8.encode_texts(prompts), labels_of(files))
+    if resolve_text_precision("auto") == "bf16":
+        # The shipped default text tower (bf16 on this CPU) against fp32, on the same image vectors.
+        text_bf16 = text_variant_embedder(fp32, "bf16").encode_texts(prompts)
+        result["text_bf16_cos_min"] = float(np.sum(text_fp32 * text_bf16, axis=1).min())
+        result["text_bf16_top10_overlap"] = overlap_at_k(
+            top_k_indices(text_fp32, images_fp32, K), top_k_indices(text_bf16, images_fp32, K)
+        )
     result.update(
         model=str(model_dir),
         identity=str(fp32.identity),
@@ -631,48 +636,46 @@ def measure_model_fidelity(settings: Settings, model_dir: Path, files: list[Path
 def sharing_embedder(base, **settings_changes):
     """An embedder that uses `base`'s loaded model under other settings (e.g. query_threads)."""
     embedder = base.__class__(base.settings.with_overrides(**settings_changes))
-    embedder._model = base._model
+    embedder._model, embedder._threads = base._model, base._threads
     embedder._preprocess, embedder._tokenizer, embedder._identity = base._preprocess, base._tokenizer, base._identity
     return embedder
 
 
-def text_int8_embedder(fp32):
-    """An embedder whose text tower is int8 (CLIPGALLERY_PRECISION=int8 leaves the text tower in
-    fp32): to measure what quantising it would buy."""
+def text_variant_embedder(fp32_text, precision: str):
+    """An embedder on a copy of `fp32_text`'s model (whose text tower is fp32) with the text tower
+    in bf16 (CLIPGALLERY_TEXT_PRECISION) or int8 (which CLIPGALLERY_PRECISION=int8 does not do: it
+    quantises the image tower only): to measure each side by side."""
     import copy
 
-    from clipgallery.embedding import quantize_int8
+    from clipgallery.embedding import quantize_int8, text_tower_bf16
 
-    embedder = fp32.__class__(fp32.settings)
-    embedder._model = quantize_int8(copy.deepcopy(fp32._model), towers=("text",))
-    embedder._preprocess, embedder._tokenizer, embedder._identity = fp32._preprocess, fp32._tokenizer, fp32._identity
+    model = copy.deepcopy(fp32_text._model)
+    embedder = sharing_embedder(fp32_text)
+    embedder._model = text_tower_bf16(model) if precision == "bf16" else quantize_int8(model, towers=("text",))
     return embedder
 
 
-def run_text_tower(fp32, int8, n: int) -> dict:
-    """Text encoding latency (no cache), fp32 / int8 text tower x 1 / default torch threads,
-    interleaved query by query."""
-    import torch
-
-    # The bench sets the thread count itself here: embedders that do not narrow single queries.
-    fp32 = sharing_embedder(fp32, query_threads=0)
-    int8 = sharing_embedder(text_int8_embedder(fp32), query_threads=0)
+def run_text_tower(fp32_text, n: int) -> dict:
+    """Text encoding latency (no cache), fp32 / bf16 (where the CPU has it natively) / int8 text
+    tower x 1 / default torch threads, interleaved query by query."""
+    towers = {"fp32": fp32_text}
+    for precision in ("bf16", "int8") if resolve_text_precision("auto") == "bf16" else ("int8",):
+        towers[precision] = text_variant_embedder(fp32_text, precision)
     prompts = text_prompts(n)
-    default_threads = torch.get_num_threads()
-    variants = [(p, t) for p in ("fp32", "int8") for t in sorted({1, default_threads})]
-    embedders = {"fp32": fp32, "int8": int8}
-    samples: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
+    # One query's thread count is CLIPGALLERY_QUERY_THREADS: each variant is an embedder with its own.
+    embedders = {
+        (p, t): sharing_embedder(tower, query_threads=t)
+        for p, tower in towers.items()
+        for t in sorted({1, fp32_text._threads})
+    }
+    samples: dict[tuple[str, int], list[float]] = {v: [] for v in embedders}
     for embedder in embedders.values():
         embedder.encode_texts(["warm up"])
-    try:
-        for i, prompt in enumerate(prompts):
-            for precision, threads in _rotate(variants, i):
-                torch.set_num_threads(threads)
-                started = time.perf_counter()
-                embedders[precision].encode_texts([prompt])
-                samples[(precision, threads)].append(time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(default_threads)
+    for i, prompt in enumerate(prompts):
+        for variant in _rotate(list(embedders), i):
+            started = time.perf_counter()
+            embedders[variant].encode_texts([prompt])
+            samples[variant].append(time.perf_counter() - started)
     return {f"{p}/{t}": latency(s) for (p, t), s in samples.items()}
 
 
@@ -1044,6 +1047,7 @@ def service_queries(server: Server, sdb: SizeDatabase, embedders: dict, files: l
     variants = {
         "fp32": (fp32, None),
         "int8": (embedders["int8"], None),
+        "fp32_text_fp32": (sharing_embedder(embedders["fp32_text"]), None),
         "fp32_vector_only": (sharing_embedder(fp32), False),
         "fp32_all_threads": (sharing_embedder(fp32, query_threads=0), None),
     }
@@ -1237,6 +1241,9 @@ def run_bench(options: BenchOptions) -> dict:
     if fp32 is None:
         fp32 = make_embedder(settings, model_dir, "fp32")
         int8 = make_embedder(settings, model_dir, "int8")
+    # The shipped default text tower is bf16 on CPUs with native bf16: fp32 beside it, for comparison.
+    fp32_text = make_embedder(settings, model_dir, "fp32", text_precision="fp32")
+    report["text_precision"] = resolve_text_precision(settings.text_precision)
     report["model"] = f"{fp32.identity}, {model_dir}"
 
     extra = find_trained_models() if options.extra_models is None else list(options.extra_models)
@@ -1252,7 +1259,7 @@ def run_bench(options: BenchOptions) -> dict:
 
     if "text" in options.stages:
         say("text tower latency")
-        report["text_tower"] = run_text_tower(fp32, int8, options.text_queries)
+        report["text_tower"] = run_text_tower(fp32_text, options.text_queries)
 
     report["memory"] = {}
     for precision in ("fp32", "int8") if options.memory else ():
@@ -1265,18 +1272,20 @@ def run_bench(options: BenchOptions) -> dict:
         base = base_embeddings(options, fp32, all_files, say, usable)
         report["sizes"] = {}
         for n in options.sizes:
-            report["sizes"][str(n)] = run_size(options, server, fp32, int8, base, n, model_dir, files, say)
+            embedders = {"fp32": fp32, "int8": int8, "fp32_text": fp32_text}
+            report["sizes"][str(n)] = run_size(options, server, embedders, base, n, model_dir, files, say)
             report["load_average"][f"after_{n}"] = load_average()
     report["seconds"] = time.perf_counter() - started
     report["load_average"]["end"] = load_average()
     return report
 
 
-def run_size(options, server, fp32, int8, base, n, model_dir, files, say) -> dict:
+def run_size(options, server, embedders: dict, base, n, model_dir, files, say) -> dict:
+    fp32 = embedders["fp32"]
     say(f"size {n:,}: generating vectors")
     data, sigma = dataset(base, n)
     queries = held_out_queries(base, sigma, options.queries)
-    text_vectors = fp32.encode_texts(text_prompts(options.text_queries))
+    text_vectors = embedders["fp32_text"].encode_texts(text_prompts(options.text_queries))
     all_queries = np.concatenate([queries, text_vectors])
     truth = top_k_indices(all_queries, data, K)
     sdb = prepare_size_database(server, fp32, base, n, data, options, say)
@@ -1316,7 +1325,7 @@ def run_size(options, server, fp32, int8, base, n, model_dir, files, say) -> dic
     del data
     gc.collect()
     say(f"size {n:,}: service-level queries")
-    result["service"] = service_queries(server, sdb, {"fp32": fp32, "int8": int8}, files, options.text_queries)
+    result["service"] = service_queries(server, sdb, embedders, files, options.text_queries)
     http_size = max([s for s in options.sizes if s <= 100_000] or [min(options.sizes)])
     if n == min(options.sizes):
         say(f"size {n:,}: sensitivity to the mixture's width and to m")
@@ -1391,6 +1400,15 @@ def targets(report: dict) -> list[tuple[str, str, str, str]]:
             )
         )
     for tm in report.get("trained_models", []):
+        if "text_bf16_top10_overlap" in tm:
+            rows.append(
+                (
+                    f"bf16 text tower: top-10 overlap with fp32 ≥ 0.9 on trained model {Path(tm['model']).name}",
+                    f"{tm['text_bf16_top10_overlap']:.3f}",
+                    "met" if tm["text_bf16_top10_overlap"] >= 0.9 else "short",
+                    "",
+                )
+            )
         if "image_top10_overlap" in tm:
             rows.append(
                 (
@@ -1404,9 +1422,11 @@ def targets(report: dict) -> list[tuple[str, str, str, str]]:
     service_size = "100000" if "100000" in sizes else (max(sizes, key=int) if sizes else None)
     if service_size:
         service = sizes[service_size]["service"]
+        text_tower = report.get("text_precision", "fp32")
         rows.append(
             (
-                f"text query p50 ≤ 15 ms, service level (fp32 default) at {int(service_size):,}",
+                f"text query p50 ≤ 15 ms, service level (shipped defaults: {text_tower} text tower) "
+                f"at {int(service_size):,}",
                 f"{service['text_fp32']['p50_ms']:.1f} ms",
                 "met" if service["text_fp32"]["p50_ms"] <= 15 else "short",
                 "",
@@ -1607,7 +1627,7 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
         rows = []
         for tm in trained:
             if "error" in tm:
-                rows.append([tm["model"], "error: " + tm["error"], "", "", "", ""])
+                rows.append([tm["model"], "error: " + tm["error"], "", "", "", "", ""])
             else:
                 rows.append(
                     [
@@ -1617,6 +1637,11 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
                         f"{tm['image_top10_overlap']:.3f}",
                         f"{tm['text_top10_overlap']:.3f}",
                         f"{_pct(tm['map_fp32'])} / {_pct(tm['map_int8'])}",
+                        (
+                            f"{tm['text_bf16_cos_min']:.5f} / {tm['text_bf16_top10_overlap']:.3f}"
+                            if "text_bf16_top10_overlap" in tm
+                            else "–"
+                        ),
                     ]
                 )
         lines += _table(
@@ -1627,6 +1652,7 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
                 "top-10 overlap img→img",
                 "text→img",
                 "mAP fp32 / int8",
+                "bf16 text tower: min cos / top-10 overlap text→img",
             ],
             rows,
         )
@@ -1642,8 +1668,11 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             "## Text tower",
             "",
             "Encoding one query (tokenise + tower up to the end-of-text token + normalise), no cache; variants "
-            "interleaved query by query. int8 here quantises the text tower, which `CLIPGALLERY_PRECISION=int8` "
-            "does not do (it quantises the image tower only).",
+            "interleaved query by query. bf16 = `CLIPGALLERY_TEXT_PRECISION=bf16` (the default `auto` on CPUs "
+            "with native bf16; this run's default: "
+            f"{report.get('text_precision', 'fp32')}): bf16 weights pre-packed for oneDNN. int8 here "
+            "quantises the text tower, which `CLIPGALLERY_PRECISION=int8` does not do (it quantises the image "
+            "tower only).",
             "",
             *_table(
                 ["precision / torch threads", "p50 ms", "p95 ms"],
@@ -1809,8 +1838,10 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             "`search.search_text` / `search.search_image_bytes` with the shipped settings (hybrid text search: "
             f"vector ranking fused with full-text search, depth {Settings().hybrid_depth}; ef_search "
             f"{default_ef()}, k 20, model check, join to images; one torch thread per query, "
-            "`CLIPGALLERY_QUERY_THREADS=1`), one session, after a warm-up; new queries miss the text-embedding "
-            "cache, repeated ones hit it. Side by side, interleaved query by query: the int8 image tower, "
+            "`CLIPGALLERY_QUERY_THREADS=1`; text tower "
+            f"{report.get('text_precision', 'fp32')}), one session, after a warm-up; new queries miss the "
+            "text-embedding cache, repeated ones hit it. Side by side, interleaved query by query: the fp32 "
+            "text tower (`CLIPGALLERY_TEXT_PRECISION=fp32`), the int8 image tower, "
             "vector-only text search (`hybrid=False`), and all torch threads for each query "
             "(`CLIPGALLERY_QUERY_THREADS=0`). Stored names are `<query subject> item <n>` (`bench.bench_name`): "
             "each subject is in 5 % of the rows, so every text query's full-text side ranks 1,000 matches "
@@ -1834,6 +1865,7 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
                         f"{int(n):,}",
                         label,
                         cell(s, f"{kind}_fp32"),
+                        cell(s, f"{kind}_fp32_text_fp32"),
                         cell(s, f"{kind}_int8"),
                         cell(s, f"{kind}_fp32_vector_only"),
                         cell(s, f"{kind}_fp32_all_threads"),
@@ -1845,14 +1877,15 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
                     ("text", "HTTP GET /api/search, new"),
                     ("repeated", "HTTP GET /api/search, repeated"),
                 ):
-                    rows.append([f"{int(n):,}", label, cell(http, kind), "–", "–", "–"])
+                    rows.append([f"{int(n):,}", label, cell(http, kind), "–", "–", "–", "–"])
             elif http:
-                rows.append([f"{int(n):,}", "HTTP", http["error"], "", "", ""])
+                rows.append([f"{int(n):,}", "HTTP", http["error"], "", "", "", ""])
         lines += _table(
             [
                 "vectors",
                 "query",
-                "default (fp32, hybrid, 1 thread) p50 / p95 ms",
+                f"default ({report.get('text_precision', 'fp32')} text tower, hybrid, 1 thread) p50 / p95 ms",
+                "fp32 text tower",
                 "int8 image tower",
                 "vector-only text search",
                 "all threads per query",

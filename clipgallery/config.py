@@ -17,6 +17,9 @@ METRICS = ("cosine", "l2", "ip", "l1")
 # Numeric precision of the model's Linear layers: fp32 as trained, or int8 (dynamic
 # quantisation, see clipgallery.embedding.quantize_int8 and docs/benchmarks.md).
 PRECISIONS = ("fp32", "int8")
+# The text tower's precision for queries: bf16 weights halve the bytes a one-query pass reads
+# (it is memory-bound); "auto" picks bf16 where the CPU multiplies bf16 natively (AVX512-BF16/AMX).
+TEXT_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -89,6 +92,7 @@ class Settings:
     query_threads: int = 1
     embed_batch_size: int = 32
     precision: str = "fp32"  # "int8": dynamic int8 quantisation of the Linear layers (faster on CPUs)
+    text_precision: str = "auto"
 
     # Access: sessions end after session_hours; a private gallery needs a login to search.
     session_hours: int = 12
@@ -128,6 +132,10 @@ class Settings:
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"CLIPGALLERY_PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.text_precision not in TEXT_PRECISIONS:
+            raise ConfigError(
+                f"CLIPGALLERY_TEXT_PRECISION must be one of {', '.join(TEXT_PRECISIONS)}, got {self.text_precision!r}"
+            )
 
     @property
     def pgdata_dir(self) -> Path:
@@ -188,6 +196,7 @@ def load_settings() -> Settings:
         query_threads=_env_int("CLIPGALLERY_QUERY_THREADS", defaults.query_threads, 0),
         embed_batch_size=_env_int("CLIPGALLERY_EMBED_BATCH_SIZE", defaults.embed_batch_size, 1),
         precision=_env("CLIPGALLERY_PRECISION", defaults.precision).lower(),
+        text_precision=_env("CLIPGALLERY_TEXT_PRECISION", defaults.text_precision).lower(),
         session_hours=_env_int("CLIPGALLERY_SESSION_HOURS", defaults.session_hours, 1),
         private_gallery=_env_bool("CLIPGALLERY_PRIVATE", defaults.private_gallery),
         index_metric=_env("CLIPGALLERY_INDEX_METRIC", defaults.index_metric).lower(),

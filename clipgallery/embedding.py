@@ -143,10 +143,12 @@ class Embedder:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._load_lock = threading.Lock()
-        # One forward pass at a time: torch already uses every core for one batch, and
-        # concurrent passes would only fight over them.
-        self._infer_lock = threading.Lock()
+        # One forward pass at a time per tower: torch already uses every core for one batch, and
+        # concurrent passes would only fight over them. The towers share no layers, so a text
+        # query (milliseconds) need not wait behind an image query or an indexing batch.
+        self._tower_locks = {"image": threading.Lock(), "text": threading.Lock()}
         self._model = None
+        self._threads = 1
         self._preprocess = None
         self._tokenizer = None
         self._identity: ModelIdentity | None = None
@@ -191,6 +193,7 @@ class Embedder:
 
         threads = self.settings.torch_threads or torch.get_num_threads()
         torch.set_num_threads(threads)
+        self._threads = threads
         spec = resolve_model_spec(self.settings)
         log.info("loading CLIP model: %s", spec.source)
         if spec.model_dir is not None:
@@ -234,12 +237,21 @@ class Embedder:
             parameter.requires_grad_(False)
         if self.settings.precision == "int8":
             model = quantize_int8(model)
+        text_precision = resolve_text_precision(self.settings.text_precision)
+        if text_precision == "bf16":
+            model = text_tower_bf16(model)
         dimension = int(getattr(model, "embed_dim", 0) or spec.dimension)
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         self._identity = ModelIdentity(spec.architecture, weights_id, dimension)
         self._model = model
-        log.info("CLIP model ready: %s (%s, %d torch threads)", self._identity, self.settings.precision, threads)
+        log.info(
+            "CLIP model ready: %s (%s, text tower %s, %d torch threads)",
+            self._identity,
+            self.settings.precision,
+            text_precision,
+            threads,
+        )
 
     @property
     def identity(self) -> ModelIdentity:
@@ -263,28 +275,32 @@ class Embedder:
         return self._preprocess(image)
 
     @contextmanager
-    def _forward_pass(self, batch_size: int) -> Iterator[None]:
-        """One forward pass at a time; a single query (batch of one) runs on `query_threads`
-        threads. Splitting one short query over both cores gains little on an idle machine and,
+    def _forward_pass(self, tower: str, batch_size: int) -> Iterator[None]:
+        """One forward pass at a time through `tower`; a single query (batch of one) runs on
+        `query_threads` threads. Splitting one short query over both cores gains little on an idle machine and,
         while other work runs, loses 5-10x to threads waiting for each other (docs/benchmarks.md)."""
         import torch
 
-        with self._infer_lock, torch.inference_mode():
-            threads = torch.get_num_threads()
-            narrow = batch_size == 1 and 0 < self.settings.query_threads < threads
-            if narrow:
-                torch.set_num_threads(self.settings.query_threads)
+        # torch's thread count belongs to the calling thread (OpenMP): set it on every pass, so
+        # server threads started before the model was loaded obey the settings too.
+        wanted = self._threads
+        if batch_size == 1 and self.settings.query_threads > 0:
+            wanted = min(self.settings.query_threads, wanted)
+        with self._tower_locks[tower], torch.inference_mode():
+            previous = torch.get_num_threads()
+            if wanted != previous:
+                torch.set_num_threads(wanted)
             try:
                 yield
             finally:
-                if narrow:
-                    torch.set_num_threads(threads)
+                if wanted != previous:
+                    torch.set_num_threads(previous)
 
     def encode_preprocessed(self, batch: torch.Tensor) -> np.ndarray:
         import torch
 
         self.load()
-        with self._forward_pass(len(batch)):
+        with self._forward_pass("image", len(batch)):
             features = self._model.encode_image(batch)
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
@@ -303,7 +319,7 @@ class Embedder:
 
         self.load()
         tokens = self._tokenizer(list(texts))
-        with self._forward_pass(len(tokens)):
+        with self._forward_pass("text", len(tokens)):
             features = encode_text_to_end_token(self._model, tokens)
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
@@ -341,6 +357,12 @@ def encode_text_to_end_token(model, tokens: torch.Tensor) -> torch.Tensor:
         or getattr(model, "text_pool_type", None) != "argmax"
         or getattr(model, "attn_mask", None) is None
     ):
+        hf_config = getattr(getattr(model, "text", None), "config", None)
+        pad = getattr(hf_config, "pad_token_id", None)
+        if isinstance(getattr(model, "text", None), open_clip.hf_model.HFTextEncoder) and pad is not None:
+            # A Hugging Face tower masks its padding out of attention and pooling: trimming it is exact.
+            length = int((tokens != pad).sum(dim=1).max())
+            tokens = tokens[:, : max(length, 1)]
         return model.encode_text(tokens)
     length = int((tokens != 0).sum(dim=1).max())  # padding is token 0 in CLIP's tokenizer
     tokens = tokens[:, :length]
@@ -448,6 +470,89 @@ def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
             # open_clip asks the first block's c_fc for the activations' dtype; quantised
             # layers keep no float weight, so say it the way open_clip expects.
             module.mlp.c_fc.int8_original_dtype = torch.float32
+    _release_freed_memory()
+    return model
+
+
+def resolve_text_precision(requested: str) -> str:
+    """ "auto" -> "bf16" where this CPU has native bf16 matrix units (oneDNN says so), else "fp32"."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    try:
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16" if native else "fp32"
+
+
+def _packed_bf16_linear():
+    import torch
+
+    class PackedBf16Linear(torch.nn.Module):
+        """An inference-only nn.Linear with bf16 weights pre-packed in oneDNN's blocked layout.
+
+        A query's pass through the text tower is bound by reading its weights, not by arithmetic;
+        bf16 halves the bytes, and the pre-packed layout saves oneDNN re-laying them out on every
+        call (one query: 35 -> 18 ms as plain bf16 -> 12 ms packed, ViT-B-32 on one core here)."""
+
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            self.in_features = linear.in_features
+            self.out_features = linear.out_features
+            weight = linear.weight.detach().to(torch.bfloat16)
+            self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1))
+            bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+            self.register_buffer("bias", bias)
+            # open_clip and Hugging Face ask a layer's .weight for the dtype to cast activations to.
+            self.register_buffer("weight", torch.empty(0, dtype=torch.bfloat16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shape = x.shape
+            flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, "none", [], "")
+            return out.reshape(*shape[:-1], self.out_features)
+
+    return PackedBf16Linear
+
+
+def _text_side(model) -> list[tuple[str, object]]:
+    """The modules and parameters of the model that encode text (everything but `visual`)."""
+    return [(name, child) for name, child in model.named_children() if name != "visual"]
+
+
+def text_tower_bf16(model):
+    """The text tower in bf16 for inference (the image tower is left as it is); returns the model.
+
+    Text vectors stay within cosine 0.9999 of fp32 (tests/test_embedding_precision.py;
+    docs/benchmarks.md "Text tower" for speed and ranking fidelity on a trained model). Needs a CPU
+    with native bf16 (see `resolve_text_precision`); elsewhere bf16 is emulated and slower."""
+    import open_clip
+    import torch
+
+    attention = _self_attention_module()
+    packed_linear = _packed_bf16_linear()
+    for _, side in _text_side(model):
+        for module in side.modules():
+            if (
+                isinstance(module, open_clip.transformer.ResidualAttentionBlock)
+                and isinstance(module.attn, torch.nn.MultiheadAttention)
+                and module.attn._qkv_same_embed_dim
+            ):
+                # nn.MultiheadAttention wants float masks and weights of one dtype; the Linear form
+                # runs q/k/v through one packed matrix and casts the causal mask to bf16.
+                module.attn = attention(module.attn)
+        side.to(torch.bfloat16)
+        for module in list(side.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear) and not hasattr(child, "_packed_params"):
+                    setattr(module, name, packed_linear(child))
+    # CLIP keeps its text-side tensors on the model itself (embeddings, projection), not in a module.
+    for name in ("positional_embedding", "text_projection"):
+        parameter = getattr(model, name, None)
+        if isinstance(parameter, torch.nn.Parameter):
+            parameter.data = parameter.data.to(torch.bfloat16)
     _release_freed_memory()
     return model
 

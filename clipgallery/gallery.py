@@ -31,6 +31,7 @@ class NotFoundError(LookupError):
 
 # --- model registry --------------------------------------------------------------------------
 
+
 def register_model(session: Session, identity: ModelIdentity) -> int:
     """The embedding_models id for this identity, created on first use."""
     row = session.execute(

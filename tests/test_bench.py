@@ -32,7 +32,7 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
         http=False,
         memory=False,
         torch_threads=1,  # a tiny model; fewer threads fight less with a busy machine
-        extra_models=(),
+        extra_models=(tiny_model_dir,),  # the "trained model" fidelity path, on the tiny model
         database_url=fresh_database(pg_server, None),
         progress=False,
         command="clipgallery bench --test",
@@ -71,6 +71,14 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     assert set(size["curves"]) == {"vector", "halfvec"}
     assert size["exact_sql"]["recall"] == 1.0 and size["numpy"]["recall"] == 1.0
     assert 0.0 <= data["fidelity"]["image_top10_overlap"] <= 1.0
+    # The shipped text tower (bf16 on CPUs with native bf16) beside fp32, in latency and fidelity.
+    assert {"text_fp32", "text_fp32_text_fp32", "repeated_fp32_text_fp32"} <= set(size["service"])
+    assert {"fp32/1", "int8/1"} <= set(data["text_tower"])
+    (trained,) = data["trained_models"]
+    if data["text_precision"] == "bf16":
+        assert "bf16/1" in data["text_tower"]
+        assert trained["text_bf16_cos_min"] >= 0.999 and 0.0 <= trained["text_bf16_top10_overlap"] <= 1.0
+        assert "bf16 text tower: top-10 overlap" in text
 
     # Throwaway databases are gone (small sizes are not kept).
     names = pg_server.psql("SELECT datname FROM pg_database WHERE datname LIKE 'bench_%';")

@@ -10,7 +10,7 @@ from clipgallery.embedding import Embedder, ModelUnavailableError, create_random
 from clipgallery.gallery import ModelMismatchError, gallery_status
 from clipgallery.ingest import ingest_image, reembed_images
 from clipgallery.search import search_image_bytes, search_text
-from tests.conftest import TINY_MODEL_CFG, jpeg
+from tests.conftest import TINY_MODEL_CFG, jpeg, picture
 
 
 def test_vectors_are_unit_length_float32_and_deterministic(embedder):
@@ -25,6 +25,42 @@ def test_vectors_are_unit_length_float32_and_deterministic(embedder):
     text_vector = embedder.encode_text("a photo of a dog")
     assert text_vector.shape == (64,) and abs(float(np.linalg.norm(text_vector)) - 1) < 1e-5
     assert embedder.encode_text("a photo of a dog") is text_vector  # cached
+
+
+def test_a_text_query_does_not_wait_for_the_image_tower(embedder, monkeypatch):
+    """Each tower has its own lock: a text query is not queued behind an image query or an
+    indexing batch in the same process. And a query runs on CLIPGALLERY_QUERY_THREADS threads
+    whatever the calling thread's own torch setting (it is per thread)."""
+    import threading
+
+    import torch
+
+    from clipgallery import embedding
+
+    embedder.load()
+    threads_in_pass = []
+    original = embedding.encode_text_to_end_token
+
+    def recording(model, tokens):
+        threads_in_pass.append(torch.get_num_threads())
+        return original(model, tokens)
+
+    monkeypatch.setattr(embedding, "encode_text_to_end_token", recording)
+    done = threading.Event()
+
+    def query() -> None:
+        torch.set_num_threads(2)  # a server thread's own setting
+        embedder.encode_texts(["a query while the image tower is busy"])
+        done.set()
+
+    with embedder._tower_locks["image"]:  # as if an image pass were running
+        worker = threading.Thread(target=query)
+        worker.start()
+        assert done.wait(30), "the text query waited for the image tower"
+    worker.join()
+    assert threads_in_pass == [embedder.settings.query_threads] == [1]
+    with embedder._tower_locks["text"]:
+        assert embedder.encode_images([picture(7)]).shape == (1, 64)
 
 
 def test_identity_records_architecture_and_checkpoint_hash(embedder, tiny_model_dir):
