@@ -148,6 +148,7 @@ class Embedder:
         # query (milliseconds) need not wait behind an image query or an indexing batch.
         self._tower_locks = {"image": threading.Lock(), "text": threading.Lock()}
         self._model = None
+        self._image_dtype = None
         self._threads = 1
         self._preprocess = None
         self._tokenizer = None
@@ -235,20 +236,24 @@ class Embedder:
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        if self.settings.precision == "int8":
+        image_precision = resolve_precision(self.settings.precision)
+        if image_precision == "int8":
             model = quantize_int8(model)
-        text_precision = resolve_text_precision(self.settings.text_precision)
+        elif image_precision == "bf16":
+            model = to_bf16(model, towers=("image",))
+        text_precision = resolve_precision(self.settings.text_precision)
         if text_precision == "bf16":
-            model = text_tower_bf16(model)
+            model = to_bf16(model, towers=("text",))
+        self._image_dtype = next(model.visual.parameters()).dtype
         dimension = int(getattr(model, "embed_dim", 0) or spec.dimension)
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         self._identity = ModelIdentity(spec.architecture, weights_id, dimension)
         self._model = model
         log.info(
-            "CLIP model ready: %s (%s, text tower %s, %d torch threads)",
+            "CLIP model ready: %s (image tower %s, text tower %s, %d torch threads)",
             self._identity,
-            self.settings.precision,
+            image_precision,
             text_precision,
             threads,
         )
@@ -301,7 +306,7 @@ class Embedder:
 
         self.load()
         with self._forward_pass("image", len(batch)):
-            features = self._model.encode_image(batch)
+            features = self._model.encode_image(batch.to(self._image_dtype))
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
 
@@ -474,8 +479,9 @@ def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
     return model
 
 
-def resolve_text_precision(requested: str) -> str:
-    """ "auto" -> "bf16" where this CPU has native bf16 matrix units (oneDNN says so), else "fp32"."""
+def resolve_precision(requested: str) -> str:
+    """A tower's precision setting in force: "auto" -> "bf16" where this CPU has native bf16
+    matrix instructions (oneDNN says so), else "fp32"."""
     import torch
 
     if requested != "auto":
@@ -493,9 +499,10 @@ def _packed_bf16_linear():
     class PackedBf16Linear(torch.nn.Module):
         """An inference-only nn.Linear with bf16 weights pre-packed in oneDNN's blocked layout.
 
-        A query's pass through the text tower is bound by reading its weights, not by arithmetic;
-        bf16 halves the bytes, and the pre-packed layout saves oneDNN re-laying them out on every
-        call (one query: 35 -> 18 ms as plain bf16 -> 12 ms packed, ViT-B-32 on one core here)."""
+        A text query's pass is bound by reading the weights, not by arithmetic: bf16 halves the
+        bytes, and the pre-packed layout saves oneDNN re-laying them out on every call (ViT-B-32's
+        text tower, one query on one core here: 35 ms fp32 -> 18 ms plain bf16 -> 12 ms packed).
+        Image batches are bound by arithmetic, which AMX does in bf16 (4x fp32 at batch 16)."""
 
         def __init__(self, linear: torch.nn.Linear) -> None:
             super().__init__()
@@ -517,26 +524,32 @@ def _packed_bf16_linear():
     return PackedBf16Linear
 
 
-def _text_side(model) -> list[tuple[str, object]]:
-    """The modules and parameters of the model that encode text (everything but `visual`)."""
-    return [(name, child) for name, child in model.named_children() if name != "visual"]
+def to_bf16(model, towers: tuple[str, ...] = ("image", "text")):
+    """`towers` ("image": the model's `visual`; "text": everything else) in bf16 for inference,
+    their Linear layers pre-packed; returns the model.
 
-
-def text_tower_bf16(model):
-    """The text tower in bf16 for inference (the image tower is left as it is); returns the model.
-
-    Text vectors stay within cosine 0.9999 of fp32 (tests/test_embedding_precision.py;
-    docs/benchmarks.md "Text tower" for speed and ranking fidelity on a trained model). Needs a CPU
-    with native bf16 (see `resolve_text_precision`); elsewhere bf16 is emulated and slower."""
+    Vectors stay within cosine 0.9999 of fp32 (tests/test_embedding_precision.py; docs/benchmarks.md
+    for speed and for ranking fidelity on trained models). Needs a CPU with native bf16 (see
+    `resolve_precision`); elsewhere bf16 is emulated and slower. The image tower's input must be
+    cast to bf16 (`Embedder.encode_preprocessed` does)."""
     import open_clip
     import torch
 
     attention = _self_attention_module()
     packed_linear = _packed_bf16_linear()
-    for _, side in _text_side(model):
+    sides = [child for name, child in model.named_children() if ("image" if name == "visual" else "text") in towers]
+    for side in sides:
+        # ResNet towers' attention pooling reads its q/k/v layers' weights directly: plain bf16 Linear.
+        weight_readers = {
+            id(layer)
+            for pool in side.modules()
+            if isinstance(pool, open_clip.modified_resnet.AttentionPool2d)
+            for layer in pool.children()
+        }
         for module in side.modules():
             if (
                 isinstance(module, open_clip.transformer.ResidualAttentionBlock)
+                and not hasattr(module, "ln_1_kv")  # cross-attention blocks keep nn.MultiheadAttention
                 and isinstance(module.attn, torch.nn.MultiheadAttention)
                 and module.attn._qkv_same_embed_dim
             ):
@@ -546,13 +559,14 @@ def text_tower_bf16(model):
         side.to(torch.bfloat16)
         for module in list(side.modules()):
             for name, child in list(module.named_children()):
-                if isinstance(child, torch.nn.Linear) and not hasattr(child, "_packed_params"):
+                if type(child) is torch.nn.Linear and id(child) not in weight_readers:
                     setattr(module, name, packed_linear(child))
-    # CLIP keeps its text-side tensors on the model itself (embeddings, projection), not in a module.
-    for name in ("positional_embedding", "text_projection"):
-        parameter = getattr(model, name, None)
-        if isinstance(parameter, torch.nn.Parameter):
-            parameter.data = parameter.data.to(torch.bfloat16)
+    if "text" in towers:
+        # CLIP keeps text-side tensors on the model itself (embeddings, projection), not in a module.
+        for name in ("positional_embedding", "text_projection"):
+            parameter = getattr(model, name, None)
+            if isinstance(parameter, torch.nn.Parameter):
+                parameter.data = parameter.data.to(torch.bfloat16)
     _release_freed_memory()
     return model
 

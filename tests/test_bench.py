@@ -45,7 +45,7 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
         "## Machine",
         "## Targets",
         "## Ingest",
-        "## int8 fidelity",
+        "## Precision fidelity",
         "## Text tower",
         "### Index build",
         "### Recall@10 and SQL latency per ef_search",
@@ -65,19 +65,24 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     assert plot is not None and plot.stat().st_size > 0
 
     data = json.loads(json_path.read_text())
-    assert set(data["ingest"]) == {"model_fp32", "model_int8", "clipgallery_fp32", "clipgallery_int8", "chroma_fp32"}
+    precisions = {"fp32", "int8", "bf16"} if data["text_precision"] == "bf16" else {"fp32", "int8"}
+    assert set(data["ingest"]) == {f"{kind}_{p}" for kind in ("model", "clipgallery") for p in precisions} | {
+        "chroma_fp32"
+    }
     assert all(p["images"] == 20 for p in data["ingest"].values())
     size = data["sizes"]["2000"]
     assert set(size["curves"]) == {"vector", "halfvec"}
     assert size["exact_sql"]["recall"] == 1.0 and size["numpy"]["recall"] == 1.0
-    assert 0.0 <= data["fidelity"]["image_top10_overlap"] <= 1.0
+    assert set(data["fidelity"]) == precisions - {"fp32"}
+    assert 0.0 <= data["fidelity"]["int8"]["image_top10_overlap"] <= 1.0
     # The shipped text tower (bf16 on CPUs with native bf16) beside fp32, in latency and fidelity.
-    assert {"text_fp32", "text_fp32_text_fp32", "repeated_fp32_text_fp32"} <= set(size["service"])
+    assert {"text_default", "text_fp32_text", "repeated_default", "image_default", "image_int8"} <= set(size["service"])
     assert {"fp32/1", "int8/1"} <= set(data["text_tower"])
     (trained,) = data["trained_models"]
     if data["text_precision"] == "bf16":
         assert "bf16/1" in data["text_tower"]
         assert trained["text_bf16_cos_min"] >= 0.999 and 0.0 <= trained["text_bf16_top10_overlap"] <= 1.0
+        assert trained["image_bf16"]["cos_min"] >= 0.999 and data["fidelity"]["bf16"]["cos_min"] >= 0.999
         assert "bf16 text tower: top-10 overlap" in text
 
     # Throwaway databases are gone (small sizes are not kept).

@@ -13,26 +13,26 @@ from clipgallery.embedding import (
     _self_attention_module,
     encode_text_to_end_token,
     quantize_int8,
-    resolve_text_precision,
-    text_tower_bf16,
+    resolve_precision,
+    to_bf16,
 )
 from tests.conftest import picture
 
 needs_native_bf16 = pytest.mark.skipif(
-    resolve_text_precision("auto") != "bf16", reason="this CPU has no native bf16 (the default stays fp32 there)"
+    resolve_precision("auto") != "bf16", reason="this CPU has no native bf16 (the default stays fp32 there)"
 )
 
 
-def test_fp32_is_the_default_and_the_setting_is_parsed(monkeypatch):
+def test_auto_is_the_default_and_the_setting_is_parsed(monkeypatch):
     monkeypatch.delenv("CLIPGALLERY_PRECISION", raising=False)
-    assert Settings().precision == "fp32"
-    assert load_settings().precision == "fp32"
+    assert Settings().precision == "auto"
+    assert load_settings().precision == "auto"
     monkeypatch.setenv("CLIPGALLERY_PRECISION", "INT8")
     assert load_settings().precision == "int8"
     monkeypatch.setenv("CLIPGALLERY_PRECISION", "fp16")
     with pytest.raises(ConfigError, match="CLIPGALLERY_PRECISION"):
         load_settings()
-    assert ("precision", "fp32") in Settings().describe()
+    assert ("precision", "auto") in Settings().describe()
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -63,7 +63,7 @@ def test_quantize_int8_reaches_every_linear_layer(tiny_model_dir):
 
 
 def test_int8_vectors_are_close_to_fp32(tiny_model_dir):
-    fp32 = Embedder(Settings(model_name=str(tiny_model_dir), text_precision="fp32"))
+    fp32 = Embedder(Settings(model_name=str(tiny_model_dir), precision="fp32", text_precision="fp32"))
     int8 = Embedder(Settings(model_name=str(tiny_model_dir), precision="int8", text_precision="fp32"))
     images = [picture(seed, (120, 90)) for seed in range(12)]
     a, b = fp32.encode_images(images), int8.encode_images(images)
@@ -88,7 +88,7 @@ def test_int8_keeps_resnet_attention_pooling_working(tmp_path):
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     }
     model_dir = create_random_model_dir(tmp_path / "rn", "tiny-rn", cfg, seed=3)
-    fp32 = Embedder(Settings(model_name=str(model_dir)))
+    fp32 = Embedder(Settings(model_name=str(model_dir), precision="fp32"))
     int8 = Embedder(Settings(model_name=str(model_dir), precision="int8"))
     images = [picture(seed, (80, 80)) for seed in range(6)]
     a, b = fp32.encode_images(images), int8.encode_images(images)
@@ -103,45 +103,78 @@ def test_text_precision_setting(monkeypatch):
     monkeypatch.setenv("CLIPGALLERY_TEXT_PRECISION", "int8")
     with pytest.raises(ConfigError, match="CLIPGALLERY_TEXT_PRECISION"):
         load_settings()
-    assert resolve_text_precision("fp32") == "fp32" and resolve_text_precision("bf16") == "bf16"
-    assert resolve_text_precision("auto") in ("fp32", "bf16")
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") in ("fp32", "bf16")
 
 
 TEXTS = ["a dog on a beach", "red car", "", "an old photograph of a church in the snow " * 3, "sneakers"]
 
 
+def _no_float_linear_left(modules) -> bool:
+    return not any(type(m) is torch.nn.Linear or isinstance(m, torch.nn.MultiheadAttention) for m in modules)
+
+
 @needs_native_bf16
-def test_bf16_text_tower_stays_close_to_fp32_and_leaves_images_alone(tiny_model_dir):
-    fp32 = Embedder(Settings(model_name=str(tiny_model_dir), text_precision="fp32"))
-    bf16 = Embedder(Settings(model_name=str(tiny_model_dir), text_precision="bf16"))
-    a, b = fp32.encode_texts(TEXTS), bf16.encode_texts(TEXTS)
+def test_bf16_towers_stay_close_to_fp32_each_on_its_own(tiny_model_dir):
+    def embedder(image: str, text: str) -> Embedder:
+        return Embedder(Settings(model_name=str(tiny_model_dir), precision=image, text_precision=text))
+
+    fp32, text_bf16, image_bf16 = embedder("fp32", "fp32"), embedder("fp32", "bf16"), embedder("bf16", "fp32")
+    a, b = fp32.encode_texts(TEXTS), text_bf16.encode_texts(TEXTS)
     assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
     assert np.min(np.sum(a * b, axis=1)) >= 0.999
-    one_by_one = np.stack([bf16.encode_text(t) for t in TEXTS])
+    one_by_one = np.stack([text_bf16.encode_text(t) for t in TEXTS])
     assert np.min(np.sum(one_by_one * b, axis=1)) >= 0.999
-    model = bf16._model
-    text_side = [m for name, m in model.named_modules() if not name.startswith("visual")]
-    assert not any(type(m) is torch.nn.Linear or isinstance(m, torch.nn.MultiheadAttention) for m in text_side)
-    # The image tower is untouched: stored vectors do not change with the text precision.
-    images = [picture(seed, (120, 90)) for seed in range(4)]
-    assert np.array_equal(fp32.encode_images(images), bf16.encode_images(images))
+    assert np.array_equal(fp32.encode_texts(TEXTS), image_bf16.encode_texts(TEXTS))  # text tower untouched
+
+    images = [picture(seed, (120, 90)) for seed in range(6)]
+    x, y = fp32.encode_images(images), image_bf16.encode_images(images)
+    assert y.dtype == np.float32 and np.allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(x * y, axis=1)) >= 0.999
+    assert np.array_equal(x, text_bf16.encode_images(images))  # image tower untouched
+    singles = np.concatenate([image_bf16.encode_images([i]) for i in images])
+    assert np.min(np.sum(singles * y, axis=1)) >= 0.999
+
+    model = text_bf16._model
+    assert _no_float_linear_left(m for name, m in model.named_modules() if not name.startswith("visual"))
     assert next(model.visual.parameters()).dtype == torch.float32
-    assert fp32.identity == bf16.identity
+    assert _no_float_linear_left(image_bf16._model.visual.modules())
+    # Same model identity: precision is not a model change (no re-embed needed).
+    assert fp32.identity == text_bf16.identity == image_bf16.identity
 
 
 @needs_native_bf16
-def test_bf16_text_tower_of_vit_b_32_keeps_its_vectors():
-    """Full-size tower (random weights, seeded): what the shipped default runs for every query."""
+def test_bf16_vit_b_32_keeps_its_vectors():
+    """Full-size towers (random weights, seeded): what the shipped default runs on CPUs with bf16."""
     import open_clip
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32").eval()
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    tokens = tokenizer(TEXTS)
+    tokens = open_clip.get_tokenizer("ViT-B-32")(TEXTS)
+    pixels = torch.randn(3, 3, 224, 224)
     with torch.inference_mode():
-        reference = torch.nn.functional.normalize(encode_text_to_end_token(model, tokens), dim=-1)
-        text_tower_bf16(model)
-        ours = torch.nn.functional.normalize(encode_text_to_end_token(model, tokens).float(), dim=-1)
-        also = torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
-    assert float((reference * ours).sum(-1).min()) >= 0.9995
-    assert float((ours * also).sum(-1).min()) >= 0.9995
+        text_reference = torch.nn.functional.normalize(encode_text_to_end_token(model, tokens), dim=-1)
+        image_reference = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+        to_bf16(model)
+        text = torch.nn.functional.normalize(encode_text_to_end_token(model, tokens).float(), dim=-1)
+        text_full = torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
+        image = torch.nn.functional.normalize(model.encode_image(pixels.bfloat16()).float(), dim=-1)
+    assert float((text_reference * text).sum(-1).min()) >= 0.9995
+    assert float((text * text_full).sum(-1).min()) >= 0.9995
+    assert float((image_reference * image).sum(-1).min()) >= 0.9995
+
+
+@needs_native_bf16
+def test_bf16_keeps_resnet_attention_pooling_working(tmp_path):
+    from clipgallery.embedding import create_random_model_dir
+
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    model_dir = create_random_model_dir(tmp_path / "rn", "tiny-rn", cfg, seed=3)
+    fp32 = Embedder(Settings(model_name=str(model_dir), precision="fp32"))
+    bf16 = Embedder(Settings(model_name=str(model_dir), precision="bf16"))
+    images = [picture(seed, (80, 80)) for seed in range(6)]
+    assert np.min(np.sum(fp32.encode_images(images) * bf16.encode_images(images), axis=1)) >= 0.999
