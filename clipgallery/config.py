@@ -90,6 +90,8 @@ class Settings:
     # Threads for one query's forward pass (a text, or one image); 0: torch_threads. See
     # Embedder._forward_pass for why one is the default.
     query_threads: int = 1
+    # Image queries waiting for the image tower share one forward pass, up to this many (1: never).
+    query_batch: int = 16
     embed_batch_size: int = 32
     precision: str = "auto"  # of the image tower
     text_precision: str = "auto"
@@ -194,6 +196,7 @@ def load_settings() -> Settings:
         model_preload=_env_bool("CLIPGALLERY_MODEL_PRELOAD", defaults.model_preload),
         torch_threads=_env_int("CLIPGALLERY_TORCH_THREADS", defaults.torch_threads, 0),
         query_threads=_env_int("CLIPGALLERY_QUERY_THREADS", defaults.query_threads, 0),
+        query_batch=_env_int("CLIPGALLERY_QUERY_BATCH", defaults.query_batch, 1),
         embed_batch_size=_env_int("CLIPGALLERY_EMBED_BATCH_SIZE", defaults.embed_batch_size, 1),
         precision=_env("CLIPGALLERY_PRECISION", defaults.precision).lower(),
         text_precision=_env("CLIPGALLERY_TEXT_PRECISION", defaults.text_precision).lower(),

@@ -16,6 +16,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,8 @@ class Embedder:
         self._tokenizer = None
         self._identity: ModelIdentity | None = None
         self._error: ModelUnavailableError | None = None
+        self._query_queue: list[tuple[torch.Tensor, Future]] = []
+        self._query_queue_lock = threading.Lock()
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache_lock = threading.Lock()
 
@@ -302,13 +305,47 @@ class Embedder:
                     torch.set_num_threads(previous)
 
     def encode_preprocessed(self, batch: torch.Tensor) -> np.ndarray:
+        """(n, d) float32 unit vectors of preprocessed images. A single image (a query) shares its
+        forward pass with the other queries waiting for the image tower (`_encode_query_image`)."""
+        self.load()
+        if len(batch) == 1 and self.settings.query_batch > 1:
+            return self._encode_query_image(batch[0])[None, :]
+        with self._forward_pass("image", len(batch)):
+            return self._image_pass(batch)
+
+    def _image_pass(self, batch: torch.Tensor) -> np.ndarray:
         import torch
 
-        self.load()
-        with self._forward_pass("image", len(batch)):
-            features = self._model.encode_image(batch.to(self._image_dtype))
-            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        features = self._model.encode_image(batch.to(self._image_dtype))
+        features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def _encode_query_image(self, pixels: torch.Tensor) -> np.ndarray:
+        """Concurrent image queries are embedded together: whoever gets the image tower takes every
+        query waiting (up to `query_batch`) into one pass. Under load this is what keeps queues short:
+        one pass of 16 images costs about a third of 16 passes of one (bf16 here; docs/benchmarks.md),
+        and an idle server still answers a lone query at once, with no waiting for company."""
+        import torch
+
+        request: Future = Future()
+        with self._query_queue_lock:
+            self._query_queue.append((pixels, request))
+        while not request.done():
+            with self._forward_pass("image", 1):
+                with self._query_queue_lock:
+                    taken = self._query_queue[: self.settings.query_batch]
+                    del self._query_queue[: len(taken)]
+                if not taken:
+                    continue  # another pass took this query; its result is set
+                try:
+                    vectors = self._image_pass(torch.stack([p for p, _ in taken]))
+                except Exception as exc:  # every query of the pass gets the error, raised in its thread
+                    for _, waiting in taken:
+                        waiting.set_exception(exc)
+                    continue
+                for (_, waiting), vector in zip(taken, vectors, strict=True):
+                    waiting.set_result(vector)
+        return request.result()
 
     def encode_images(self, images: Sequence[PILImage.Image]) -> np.ndarray:
         """(n, d) float32, each row of unit length."""

@@ -1,6 +1,7 @@
 """Model identity: vectors record their model, a different model is refused until re-embedded."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -178,3 +179,60 @@ def test_migrations_do_not_need_a_model(empty_settings, tmp_path):
     no_model = empty_settings.with_overrides(model_name=str(tmp_path / "not-there"))
     db.migrate(no_model)
     assert db.current_revision(no_model) is not None
+
+
+def test_concurrent_image_queries_share_one_forward_pass(embedder, monkeypatch):
+    """Image queries that arrive while the image tower is busy are embedded together, each gets
+    its own vector back, and an error in the shared pass reaches every query in it."""
+    import threading
+
+    images = [picture(seed) for seed in range(6)]
+    alone = np.concatenate([embedder.encode_images([image]) for image in images])
+    passes = []
+    original = embedder._image_pass
+
+    def counting(batch):
+        passes.append(len(batch))
+        return original(batch)
+
+    monkeypatch.setattr(embedder, "_image_pass", counting)
+    results: dict[int, np.ndarray] = {}
+
+    def query(i: int) -> None:
+        results[i] = embedder.encode_images([images[i]])[0]
+
+    workers = [threading.Thread(target=query, args=(i,)) for i in range(len(images))]
+    with embedder._tower_locks["image"]:  # a pass is running: the queries queue up
+        for worker in workers:
+            worker.start()
+        deadline = time.monotonic() + 30
+        while len(embedder._query_queue) < len(images) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for worker in workers:
+        worker.join(30)
+    assert passes == [len(images)]
+    together = np.stack([results[i] for i in range(len(images))])
+    assert np.min(np.sum(together * alone, axis=1)) >= 0.999
+
+    def failing(batch):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(embedder, "_image_pass", failing)
+    errors = []
+
+    def failing_query() -> None:
+        try:
+            embedder.encode_images([images[0]])
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    workers = [threading.Thread(target=failing_query) for _ in range(3)]
+    with embedder._tower_locks["image"]:
+        for worker in workers:
+            worker.start()
+        deadline = time.monotonic() + 30
+        while len(embedder._query_queue) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for worker in workers:
+        worker.join(30)
+    assert errors == ["out of memory"] * 3 and embedder._query_queue == []
