@@ -426,6 +426,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         threads=args.threads if args.threads is not None else settings.torch_threads,
         captions=templates,
         loss=args.loss,
+        unlock_text_layers=args.unlock_text_layers,
+        text_lr=args.text_lr,
         progress=not args.quiet,
     )
     print(f"training on {source}")
@@ -620,6 +622,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="multi-positive",
         help="multi-positive: a caption is a positive of every image in the batch it is true of; clip: ClipLoss",
     )
+    p.add_argument(
+        "--unlock-text-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="lit: also train the top N MiniLM layers, at --text-lr (default 0: the text tower stays locked)",
+    )
+    p.add_argument("--text-lr", type=float, default=2e-5, help="lit: learning rate of the unlocked text layers")
     p.add_argument("--val-fraction", type=float, default=0.1, help="of the training images, for early stopping")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     p.add_argument("--seed", type=int, default=0)

@@ -11,6 +11,12 @@ image it was drawn for — or open_clip's `ClipLoss` with ``loss="clip"``):
   text side is frozen, every caption is encoded once before training (dynamic padding) and the
   training step runs the image tower only. Queries with words that never occur in the captions still
   work, as far as the sentence model knows the words.
+  With ``unlock_text_layers`` = N > 0 the top N MiniLM transformer layers are trained too, at their own,
+  lower learning rate ``text_lr`` (the embeddings, the lower layers and every LayerNorm below them stay
+  frozen; the tower stays in eval mode, i.e. without dropout). The output of the frozen lower layers
+  is cached per caption (trimmed to its length) and each step runs only the top N layers and the
+  pooling on the batch's captions. The unlocked layers' weights are saved in the model directory and
+  override the package's when it is loaded.
 - ``finetune``: a full open_clip model (an architecture with a pretrained tag or checkpoint, or a model
   directory) trained end to end on the captions.
 
@@ -94,6 +100,9 @@ class TrainOptions:
     # "clip": open_clip's ClipLoss (each image's own caption is its only positive); "multi-positive":
     # a caption drawn for one image is also a positive of every image in the batch it is a caption of
     loss: str = "multi-positive"
+    # lit: train the top N MiniLM transformer layers too (0: the whole text tower stays locked), at text_lr
+    unlock_text_layers: int = 0
+    text_lr: float = 2e-5
     captions: tuple[str, ...] = ()  # templates over the metadata, e.g. "{baseColour} {articleType}"
     progress: bool = True
 
@@ -191,7 +200,8 @@ def lit_model_cfg(options: TrainOptions, text_dir: Path | str = TEXT_TOWER_HF_ID
 
 def lit_architecture_name(options: TrainOptions) -> str:
     layers = "".join(str(n) for n in options.layers)
-    return f"lit-rn{layers}w{options.width}-{options.image_size}px-minilm-l6"
+    unlocked = f"-top{options.unlock_text_layers}" if options.unlock_text_layers else ""
+    return f"lit-rn{layers}w{options.width}-{options.image_size}px-minilm-l6{unlocked}"
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -289,6 +299,8 @@ def create_lit_model(options: TrainOptions):
     finally:
         hf_logging.set_verbosity(verbosity)
     lock_text_tower(model)
+    if options.unlock_text_layers:
+        unlock_text_layers(model, options.unlock_text_layers)
     tokenizer = open_clip.tokenizer.HFTokenizer(str(text_dir), context_length=cfg["text_cfg"]["context_length"])
     # The same transform the loaded model directory gets (see _write_model_dir's preprocess_cfg).
     preprocess = open_clip.image_transform(
@@ -306,6 +318,93 @@ def lock_text_tower(model) -> None:
     for parameter in model.text.parameters():
         parameter.requires_grad_(False)
     model.text.eval()
+
+
+def text_layers(model) -> Sequence:
+    """The HF text tower's transformer layers, bottom first (BERT-style: ``transformer.encoder.layer``)."""
+    encoder = getattr(model.text.transformer, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if layers is None:
+        raise TrainingError(f"cannot unlock layers of text tower {type(model.text.transformer).__name__}")
+    return layers
+
+
+def unlock_text_layers(model, count: int) -> None:
+    """Make the top `count` transformer layers of a locked text tower trainable (the rest stays frozen)."""
+    layers = text_layers(model)
+    if not 0 < count <= len(layers):
+        raise TrainingError(f"--unlock-text-layers must be between 0 and {len(layers)}, got {count}")
+    for layer in layers[len(layers) - count :]:
+        for parameter in layer.parameters():
+            parameter.requires_grad_(True)
+
+
+def unlocked_text_prefixes(model, count: int) -> tuple[str, ...]:
+    """State-dict key prefixes of the top `count` text layers (the text weights a LiT directory stores)."""
+    if not count:
+        return ()
+    total = len(text_layers(model))
+    return tuple(f"text.transformer.encoder.layer.{i}." for i in range(total - count, total))
+
+
+class LowerLayerCache:
+    """Captions through the frozen part of the text tower, once: the hidden states that enter the first
+    unlocked layer, one (length, width) tensor per caption (padding trimmed). `features` runs the
+    unlocked layers, the pooler and the projection on a batch of them — with gradients, when enabled —
+    and gives what ``model.encode_text`` would give for those captions."""
+
+    def __init__(self, model, tokenizer, captions: Sequence[str], unlocked: int, batch_size: int = 256) -> None:
+        import torch
+
+        self.model = model
+        layers = text_layers(model)
+        self.first = len(layers) - unlocked
+        self.states: list[torch.Tensor] = [torch.empty(0)] * len(captions)
+        transformer = model.text.transformer
+        pad = model.text.config.pad_token_id
+        order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                index = order[start : start + batch_size]
+                tokens = tokenizer([captions[i] for i in index])
+                mask = (tokens != pad).long()
+                length = max(int(mask.sum(dim=1).max()), 1)
+                tokens, mask = tokens[:, :length], mask[:, :length]
+                hidden = transformer(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states
+                # hidden_states[k] is the input of layer k (0: the embeddings)
+                for row, i in enumerate(index):
+                    self.states[i] = hidden[self.first][row, : int(mask[row].sum())].clone()
+
+    def features(self, indices: Sequence[int], chunk: int = 32) -> torch.Tensor:
+        """Text features of captions `indices` (repeats allowed). Each distinct caption is run once, in
+        length-sorted chunks padded to their own longest caption: the top layers cost in proportion to
+        the tokens they see, and one batch padded to its longest caption would be about half padding."""
+        import torch
+
+        distinct = sorted(set(indices), key=lambda i: self.states[i].shape[0])
+        parts = [self._run(distinct[start : start + chunk]) for start in range(0, len(distinct), chunk)]
+        row_of = {caption: row for row, caption in enumerate(distinct)}
+        return torch.cat(parts)[[row_of[i] for i in indices]]
+
+    def _run(self, indices: Sequence[int]) -> torch.Tensor:
+        import torch
+        from transformers.modeling_outputs import BaseModelOutput
+
+        states = [self.states[i] for i in indices]
+        length = max(s.shape[0] for s in states)
+        hidden = states[0].new_zeros(len(states), length, states[0].shape[1])
+        mask = torch.zeros(len(states), length, dtype=torch.long)
+        for row, s in enumerate(states):
+            hidden[row, : s.shape[0]] = s
+            mask[row, : s.shape[0]] = 1
+        # additive mask, (batch, 1, 1, length): what BERT's layers take for eager and sdpa attention alike
+        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in text_layers(self.model)[self.first :]:
+            hidden = layer(hidden, additive)
+            if isinstance(hidden, tuple):  # older transformers return (hidden_states, ...)
+                hidden = hidden[0]
+        text = self.model.text
+        return text.proj(text.pooler(BaseModelOutput(last_hidden_state=hidden), mask))
 
 
 def create_finetune_model(options: TrainOptions):
@@ -370,13 +469,24 @@ def caption_positives(caption_sets: Sequence[Collection[int]], chosen: Sequence[
     return torch.tensor([[c in own for c in chosen] for own in caption_sets], dtype=torch.bool)
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _param_groups(model, options: TrainOptions) -> list[dict]:
+    """AdamW groups, each with its own ``base_lr`` (the schedule scales it): weight decay on matrices only;
+    the unlocked layers of a LiT text tower at ``text_lr``, everything else at ``lr``."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (no_decay if parameter.ndim < 2 or "logit_scale" in name or "bn" in name else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        is_text = options.mode == "lit" and name.startswith("text.")
+        decays = not (parameter.ndim < 2 or "logit_scale" in name or "bn" in name)
+        groups.setdefault((is_text, decays), []).append(parameter)
+    return [
+        {
+            "params": params,
+            "weight_decay": options.weight_decay if decays else 0.0,
+            "base_lr": options.text_lr if is_text else options.lr,
+        }
+        for (is_text, decays), params in sorted(groups.items())
+    ]
 
 
 def _split_for_validation(items: list[LabelledImage], options: TrainOptions) -> tuple[list, list]:
@@ -407,6 +517,10 @@ def train(
         raise TrainingError(f"mode must be one of {', '.join(MODES)}, got {options.mode!r}")
     if options.loss not in LOSSES:
         raise TrainingError(f"loss must be one of {', '.join(LOSSES)}, got {options.loss!r}")
+    if options.unlock_text_layers and options.mode != "lit":
+        raise TrainingError("--unlock-text-layers is for --mode lit (finetune trains the whole text tower)")
+    if options.unlock_text_layers < 0:
+        raise TrainingError(f"--unlock-text-layers must be 0 or more, got {options.unlock_text_layers}")
     threads_before = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -460,12 +574,17 @@ def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, 
     val_images = load_images(val_items, preprocess, options.progress) if val_items else None
 
     cached_text: torch.Tensor | None = None
-    if options.mode == "lit":
+    lower_layers: LowerLayerCache | None = None
+    if options.mode == "lit" and options.unlock_text_layers:
+        lower_layers = LowerLayerCache(model, tokenizer, all_captions, options.unlock_text_layers)
+    elif options.mode == "lit":
         cached_text = F.normalize(encode_captions(model, tokenizer, all_captions), dim=-1)
 
     def text_features(indices: list[int]) -> torch.Tensor:
         if cached_text is not None:
             return cached_text[indices]
+        if lower_layers is not None:
+            return F.normalize(lower_layers.features(indices), dim=-1)
         tokens = tokenizer([all_captions[i] for i in indices])
         return F.normalize(model.encode_text(tokens), dim=-1)
 
@@ -476,17 +595,17 @@ def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, 
             return multi_positive_loss(image, text, scale, caption_positives(sets, chosen))
         return clip_loss(image, text, scale)
 
-    optimizer = torch.optim.AdamW(_param_groups(model, options.weight_decay), lr=options.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(_param_groups(model, options), lr=options.lr, betas=(0.9, 0.98))
     batch_size = max(2, min(options.batch_size, len(train_items)))
     steps_per_epoch = max(1, len(train_items) // batch_size)  # drop the last partial batch: ClipLoss wants >1
     total_steps = steps_per_epoch * options.epochs
     warmup = int(options.warmup_epochs * steps_per_epoch)
 
-    def lr_at(step: int) -> float:
+    def lr_factor(step: int) -> float:
         if step < warmup:
-            return options.lr * (step + 1) / warmup
+            return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
-        return options.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def set_train_mode() -> None:
         model.train()
@@ -509,6 +628,7 @@ def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, 
                 count += image.shape[0]
         return total / max(count, 1)
 
+    unlocked = unlocked_text_prefixes(model, options.unlock_text_layers) if options.mode == "lit" else ()
     generator = torch.Generator().manual_seed(options.seed)
     best_state, best_loss, best_epoch, stale = None, math.inf, 0, 0
     history: list[dict[str, float]] = []
@@ -526,7 +646,7 @@ def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, 
                 train_caps[i][int(torch.randint(len(train_caps[i]), (1,), generator=generator))] for i in index.tolist()
             ]
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = group["base_lr"] * lr_factor(step)
             image_features = F.normalize(model.encode_image(images), dim=-1)
             sets = [train_sets[i] for i in index.tolist()]
             loss = loss_fn(image_features, text_features(chosen), model.logit_scale.exp(), sets, chosen)
@@ -549,7 +669,9 @@ def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, 
         if val_loss is None or val_loss < best_loss:
             best_loss = val_loss if val_loss is not None else best_loss
             best_epoch, stale = epoch, 0
-            best_state = copy.deepcopy({k: v for k, v in model.state_dict().items() if not _is_locked(k, options)})
+            best_state = copy.deepcopy(
+                {k: v for k, v in model.state_dict().items() if not _is_locked(k, options, unlocked)}
+            )
         elif epoch > options.epochs // 2:
             # Only in the second half of the schedule: while the learning rate is high the held-out
             # loss jumps between epochs (a 40-epoch run stopped at epoch 16 on such noise and lost
@@ -579,12 +701,13 @@ def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, 
         captions=len(all_captions),
         history=history,
     )
-    _write_model_dir(output, model, cfg, preprocess_cfg, options, result, source)
+    _write_model_dir(output, model, cfg, preprocess_cfg, options, result, source, unlocked)
     return result
 
 
-def _is_locked(key: str, options: TrainOptions) -> bool:
-    return options.mode == "lit" and key.startswith("text.transformer.")
+def _is_locked(key: str, options: TrainOptions, unlocked: tuple[str, ...] = ()) -> bool:
+    """A locked text-tower weight of a LiT model: not stored (the package provides it)."""
+    return options.mode == "lit" and key.startswith("text.transformer.") and not key.startswith(unlocked)
 
 
 def _write_model_dir(
@@ -595,6 +718,7 @@ def _write_model_dir(
     options: TrainOptions,
     result: TrainResult,
     source: str,
+    unlocked: tuple[str, ...] = (),
 ) -> None:
     import open_clip
     from safetensors.torch import save_file
@@ -619,6 +743,8 @@ def _write_model_dir(
         cfg["text_cfg"]["hf_tokenizer_name"] = TEXT_TOWER_HF_ID
         block["text_tower_package"] = TEXT_TOWER_PACKAGE
         block["text_tower_sha256"] = file_sha256(text_dir / TEXT_TOWER_WEIGHTS)
+        # 0: the package's tower as is; N: its top N layers were trained and are in the weights file
+        block["text_tower_unlocked_layers"] = options.unlock_text_layers
         for name in TOKENIZER_FILES:
             if (text_dir / name).is_file():
                 shutil.copyfile(text_dir / name, output / name)
@@ -632,7 +758,7 @@ def _write_model_dir(
             "resize_mode": "shortest",
         }
     config = {"model_cfg": cfg, "preprocess_cfg": preprocess_cfg, "clipgallery": block}
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not _is_locked(k, options)}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not _is_locked(k, options, unlocked)}
     weights = output / WEIGHTS_FILE
     tmp = weights.with_suffix(".tmp")
     save_file(state, str(tmp))

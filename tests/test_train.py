@@ -20,7 +20,13 @@ from sqlalchemy import text
 
 from clipgallery import train as train_module
 from clipgallery.cli import main
-from clipgallery.embedding import MODEL_CONFIG_FILE, WEIGHTS_FILE, Embedder, ModelUnavailableError
+from clipgallery.embedding import (
+    MODEL_CONFIG_FILE,
+    WEIGHTS_FILE,
+    Embedder,
+    ModelUnavailableError,
+    encode_text_to_end_token,
+)
 from clipgallery.ingest import ingest_image
 from clipgallery.search import search_text
 from clipgallery.train import (
@@ -143,20 +149,45 @@ def test_trained_model_loads_offline_and_ranks_the_named_colour_first(lit_model,
 
 def test_text_tower_is_the_locked_pretrained_minilm(lit_model, tiny_model_dir):
     """The loaded text tower gives MiniLM's own mean-pooled sentence vectors: unchanged by training."""
-    from transformers import AutoModel, AutoTokenizer
-
     out, _ = lit_model
     embedder = Embedder(dataclasses.replace(_settings_for(tiny_model_dir), model_name=str(out)))
     phrases = ["a wristwatch", "red"]
-    ours = embedder.encode_texts(phrases)
+    assert np.allclose(embedder.encode_texts(phrases), _minilm_vectors(phrases), atol=1e-5)
+    # Queries skip the padding up to the context length (64): exact, the tower masks it anyway.
+    tokens = embedder._tokenizer(phrases)
+    assert tokens.shape[1] == 64
+    with torch.inference_mode():
+        padded = embedder._model.encode_text(tokens)
+        trimmed = encode_text_to_end_token(embedder._model, tokens)
+    assert torch.allclose(padded, trimmed, atol=1e-5)
+
+
+def test_bf16_towers_of_a_trained_model_stay_close(lit_model, tiny_model_dir):
+    from clipgallery.embedding import resolve_precision
+
+    if resolve_precision("auto") != "bf16":
+        pytest.skip("this CPU has no native bf16")
+    out, _ = lit_model
+    settings = dataclasses.replace(_settings_for(tiny_model_dir), model_name=str(out))
+    fp32 = Embedder(dataclasses.replace(settings, precision="fp32", text_precision="fp32"))
+    bf16 = Embedder(dataclasses.replace(settings, precision="bf16", text_precision="bf16"))
+    phrases = ["a wristwatch", "red", "", "a long sentence about a blue picture with grey circles " * 4]
+    assert np.min(np.sum(fp32.encode_texts(phrases) * bf16.encode_texts(phrases), axis=1)) >= 0.999
+    pictures = [coloured_picture(rgb, 7000 + i) for i, rgb in enumerate(COLOURS.values())]
+    assert np.min(np.sum(fp32.encode_images(pictures) * bf16.encode_images(pictures), axis=1)) >= 0.999
+
+
+def _minilm_vectors(phrases: list[str]) -> np.ndarray:
+    """The pretrained MiniLM's own mean-pooled, normalised sentence vectors (plain transformers)."""
+    from transformers import AutoModel, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(text_tower_dir()))
     reference = AutoModel.from_pretrained(str(text_tower_dir())).eval()
     batch = tokenizer(phrases, padding=True, return_tensors="pt")
     with torch.inference_mode():
         hidden = reference(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
-    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
-    assert np.allclose(ours, expected, atol=1e-5)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
 
 
 def test_training_never_changes_the_text_tower(colour_set, tmp_path, monkeypatch):
@@ -178,6 +209,60 @@ def test_training_never_changes_the_text_tower(colour_set, tmp_path, monkeypatch
     assert not any(p.requires_grad for p in model.text.parameters())
     after = model.text.state_dict()
     assert all(torch.equal(created["before"][k], after[k]) for k in after)
+
+
+def test_unlocked_text_layers_are_trained_saved_and_loaded(colour_set, tmp_path, tiny_model_dir, monkeypatch):
+    """--unlock-text-layers 1: only the top MiniLM layer changes; it is stored in the weights file and the
+    loaded model's text vectors are the trained tower's, no longer the package's."""
+    created = {}
+    original = train_module.create_lit_model
+
+    def spy(options):
+        model, tokenizer, preprocess, cfg = original(options)
+        created.update(model=model, tokenizer=tokenizer, before={k: v.clone() for k, v in model.state_dict().items()})
+        return model, tokenizer, preprocess, cfg
+
+    monkeypatch.setattr(train_module, "create_lit_model", spy)
+    out = tmp_path / "unlocked"
+    argv = [
+        "train", str(colour_set), "--out", str(out), "--label-column", "colour",
+        "--caption", "{colour}", "--caption", "a {colour} picture", "--test-fraction", "0",
+        "--image-size", "32", "--width", "8", "--epochs", "3", "--batch-size", "16", "--lr", "5e-3",
+        "--unlock-text-layers", "1", "--text-lr", "1e-3", "--threads", "1", "-q",
+    ]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    model, tokenizer, before = created["model"], created["tokenizer"], created["before"]
+    assert not model.text.training
+    top = "text.transformer.encoder.layer.5."
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("text.")}
+    assert trainable and all(n.startswith(top) for n in trainable)
+    after = model.state_dict()
+    changed = {k for k in after if k.startswith("text.") and not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(top) for k in changed)
+
+    block = json.loads((out / MODEL_CONFIG_FILE).read_text())["clipgallery"]
+    assert block["text_tower_unlocked_layers"] == 1 and block["training"]["options"]["unlock_text_layers"] == 1
+    assert block["architecture"].endswith("-top1")
+    from safetensors import safe_open
+
+    with safe_open(str(out / WEIGHTS_FILE), "pt") as weights:
+        text_keys = {k for k in list(weights.keys()) if k.startswith("text.")}
+    assert text_keys == {k for k in after if k.startswith(top)}
+
+    phrases = ["a wristwatch", "red", "a blue picture"]
+    loaded = Embedder(dataclasses.replace(_settings_for(tiny_model_dir), model_name=str(out))).encode_texts(phrases)
+    with torch.inference_mode():
+        trained = torch.nn.functional.normalize(model.encode_text(tokenizer(phrases)), dim=-1).numpy()
+    # Cosines: the embedder may run its text tower in bf16 (CLIPGALLERY_TEXT_PRECISION), a ~1e-3 difference.
+    assert (loaded * trained).sum(axis=1).min() > 0.999  # the trained tower ...
+    assert (loaded * _minilm_vectors(phrases)).sum(axis=1).max() < 0.99  # ... not the package's
+
+    # The cached lower layers + the unlocked top give what the whole tower gives.
+    captions = ["red", "a green picture with a few grey shapes", "blue"]
+    cache = train_module.LowerLayerCache(model, tokenizer, captions, unlocked=2)
+    with torch.inference_mode():
+        assert torch.allclose(cache.features([2, 0, 1]), model.encode_text(tokenizer(captions))[[2, 0, 1]], atol=1e-5)
 
 
 def test_other_text_tower_version_is_refused(lit_model, tmp_path, tiny_model_dir):
