@@ -279,8 +279,20 @@ class Embedder:
 
     def preprocess(self, image: PILImage.Image) -> torch.Tensor:
         """The model's resize/crop/normalise transform for one RGB image (safe to call from threads)."""
+        import torch
+
         self.load()
-        return self._preprocess(image)
+        # On one thread: preprocessing runs beside the model (bulk indexing's threads, server
+        # threads), and its small tensor operations spread over several threads would wait for
+        # cores the model is using.
+        previous = torch.get_num_threads()
+        if previous != 1:
+            torch.set_num_threads(1)
+        try:
+            return self._preprocess(image)
+        finally:
+            if previous != 1:
+                torch.set_num_threads(previous)
 
     @contextmanager
     def _forward_pass(self, tower: str, batch_size: int) -> Iterator[None]:
