@@ -160,5 +160,8 @@ def make_thumbnail(rgb: Image.Image, size: int) -> bytes:
     thumb = rgb.copy()
     thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    thumb.save(out, "WEBP", quality=82, method=4)
+    # method 2, not 4: a third of the encoding time for files 3 % larger (224 px photos here); the
+    # thumbnail is made for every indexed image, beside the model, and at method 4 it cost half as
+    # much as a bf16 image-tower pass.
+    thumb.save(out, "WEBP", quality=82, method=2)
     return out.getvalue()
