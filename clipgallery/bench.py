@@ -1377,6 +1377,10 @@ def default_ef(settings: Settings | None = None) -> int:
     return (settings or Settings()).hnsw_ef_search
 
 
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "short"
+
+
 def targets(report: dict) -> list[tuple[str, str, str, str]]:
     """(target, measured, verdict, note) rows."""
     rows = []
@@ -1414,33 +1418,14 @@ def targets(report: dict) -> list[tuple[str, str, str, str]]:
             )
         )
     for tm in report.get("trained_models", []):
-        if "image_bf16" in tm:
-            rows.append(
-                (
-                    f"bf16 image tower: top-10 overlap with fp32 ≥ 0.9 on trained model {Path(tm['model']).name}",
-                    f"{tm['image_bf16']['image_top10_overlap']:.3f}",
-                    "met" if tm["image_bf16"]["image_top10_overlap"] >= 0.9 else "short",
-                    "",
-                )
-            )
-        if "text_bf16_top10_overlap" in tm:
-            rows.append(
-                (
-                    f"bf16 text tower: top-10 overlap with fp32 ≥ 0.9 on trained model {Path(tm['model']).name}",
-                    f"{tm['text_bf16_top10_overlap']:.3f}",
-                    "met" if tm["text_bf16_top10_overlap"] >= 0.9 else "short",
-                    "",
-                )
-            )
-        if "image_top10_overlap" in tm:
-            rows.append(
-                (
-                    f"int8 top-10 overlap ≥ 0.9 on trained model {Path(tm['model']).name}",
-                    f"{tm['image_top10_overlap']:.3f}",
-                    "met" if tm["image_top10_overlap"] >= 0.9 else "short",
-                    "",
-                )
-            )
+        model = Path(tm["model"]).name
+        for label, overlap in (
+            ("bf16 image tower: top-10 overlap with fp32", tm.get("image_bf16", {}).get("image_top10_overlap")),
+            ("bf16 text tower: top-10 overlap with fp32", tm.get("text_bf16_top10_overlap")),
+            ("int8 top-10 overlap", tm.get("image_top10_overlap")),
+        ):
+            if overlap is not None:
+                rows.append((f"{label} ≥ 0.9 on trained model {model}", f"{overlap:.3f}", _verdict(overlap >= 0.9), ""))
     sizes = report.get("sizes", {})
     service_size = "100000" if "100000" in sizes else (max(sizes, key=int) if sizes else None)
     if service_size:

@@ -536,6 +536,8 @@ def resolve_precision(requested: str) -> str:
     if requested != "auto":
         return requested
     try:
+        # The packed layers (`_packed_bf16_linear`) use these oneDNN operators of torch's CPU build.
+        torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise  # noqa: B018
         native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):
         native = False
