@@ -568,23 +568,25 @@ def mean_average_precision(vectors: np.ndarray, labels: list[str]) -> float | No
     return float(np.mean(scores)) if scores else None
 
 
-def fidelity(fp32_vectors: np.ndarray, int8_vectors: np.ndarray, text_fp32, text_int8, labels) -> dict:
-    cos = np.sum(fp32_vectors * int8_vectors, axis=1)
+def fidelity(reference: np.ndarray, other: np.ndarray, text_reference, text_other, labels) -> dict:
+    """How far `other` (a reduced precision's image vectors, and its text vectors) moves from the
+    fp32 `reference`: cosines, top-10 overlaps and mAP by class."""
+    cos = np.sum(reference * other, axis=1)
     image_overlap = overlap_at_k(
-        top_k_indices(fp32_vectors, fp32_vectors, K, exclude_self=True),
-        top_k_indices(int8_vectors, int8_vectors, K, exclude_self=True),
+        top_k_indices(reference, reference, K, exclude_self=True),
+        top_k_indices(other, other, K, exclude_self=True),
     )
-    text_overlap = overlap_at_k(top_k_indices(text_fp32, fp32_vectors, K), top_k_indices(text_int8, int8_vectors, K))
-    text_cos = np.sum(text_fp32 * text_int8, axis=1)
+    text_overlap = overlap_at_k(top_k_indices(text_reference, reference, K), top_k_indices(text_other, other, K))
+    text_cos = np.sum(text_reference * text_other, axis=1)
     return {
-        "images": len(fp32_vectors),
+        "images": len(reference),
         "cos_min": float(cos.min()),
         "cos_mean": float(cos.mean()),
         "text_cos_min": float(text_cos.min()),
         "image_top10_overlap": image_overlap,
         "text_top10_overlap": text_overlap,
-        "map_fp32": mean_average_precision(fp32_vectors, labels),
-        "map_other": mean_average_precision(int8_vectors, labels),
+        "map_fp32": mean_average_precision(reference, labels),
+        "map_other": mean_average_precision(other, labels),
     }
 
 
