@@ -1599,8 +1599,8 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
     if costs:
         lines += [
             "Where the time goes (ms per image, each step alone on a sample, same run): the bulk path decodes, "
-            "makes the thumbnail and preprocesses in threads while the model embeds the previous batch; the file "
-            "writes and the database transaction run after the model, on the main thread.",
+            "makes the thumbnail and preprocesses in threads, runs the model on the next batch in a thread of "
+            "its own, and meanwhile writes the files and commits the current batch's transaction.",
             "",
             *_table(["step", "ms / image"], [[k, _f(v, 2)] for k, v in costs.items()]),
         ]

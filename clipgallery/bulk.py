@@ -194,6 +194,18 @@ def _read_and_prepare(path: Path, stat: os.stat_result, embedder: Embedder, meta
     return prepared
 
 
+def _embed_ahead(embedder: Embedder, batch: list[PreparedImage]) -> list[PreparedImage]:
+    """The model's vectors for a prepared batch, computed while the previous batch is being stored."""
+    import torch
+
+    ready = [p for p in batch if p.pixels is not None]
+    if ready:
+        vectors = embedder.encode_preprocessed(torch.stack([p.pixels for p in ready]))
+        for prepared, vector in zip(ready, vectors, strict=True):
+            prepared.vector = vector
+    return batch
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -247,25 +259,38 @@ def index_folder(
 
     replaced_images: set[int] = set()
     bar = tqdm(total=len(work), unit="img", desc="indexing", disable=not progress or not work, dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 2))) as pool:
+    # Three stages overlap: threads decode the batch after next, one thread runs the model on the
+    # next batch, and this thread stores the current one (files, then one transaction) — storing
+    # took a third of the time when it waited for the model (docs/benchmarks.md).
+    with (
+        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 2))) as pool,
+        ThreadPoolExecutor(max_workers=1) as model_thread,
+    ):
 
         def submit(batch: list[tuple[Path, os.stat_result]]) -> list[tuple[str, Future]]:
             return [(str(p), pool.submit(_read_and_prepare, p, st, embedder, mapping, root)) for p, st in batch]
 
-        batches = list(_batches(work, batch_size))
-        pending = submit(batches[0]) if batches else []
-        for index in range(len(batches)):
-            current = pending
-            # Decode the next batch while the model embeds this one.
-            pending = submit(batches[index + 1]) if index + 1 < len(batches) else []
+        def collect(submitted: list[tuple[str, Future]]) -> Future:
             prepared_batch: list[PreparedImage] = []
-            for path, future in current:
+            for path, future in submitted:
                 try:
                     prepared_batch.append(future.result())
                 except RejectedImage as exc:
                     summary.rejected.append((path, str(exc)))
                 except OSError as exc:
                     summary.rejected.append((path, f"cannot read: {exc.strerror or exc}"))
+            return model_thread.submit(_embed_ahead, embedder, prepared_batch)
+
+        batches = list(_batches(work, batch_size))
+        pending = submit(batches[0]) if batches else []
+        embedding = collect(pending) if batches else None
+        pending = submit(batches[1]) if len(batches) > 1 else []
+        for index in range(len(batches)):
+            assert embedding is not None
+            prepared_batch = embedding.result()
+            if index + 1 < len(batches):
+                embedding = collect(pending)  # the model starts on the next batch now
+                pending = submit(batches[index + 2]) if index + 2 < len(batches) else []
             if prepared_batch:
                 outcomes = store_prepared(session, embedder, storage, prepared_batch, before_commit=_record_files)
                 for outcome, prepared in zip(outcomes, prepared_batch, strict=True):
@@ -278,7 +303,7 @@ def index_folder(
                         summary.updated += 1
                     else:
                         summary.indexed += 1
-            bar.update(len(current))
+            bar.update(len(batches[index]))
             bar.set_postfix(new=summary.indexed, updated=summary.updated, rejected=len(summary.rejected))
             if on_progress is not None:
                 on_progress(min(len(work), (index + 1) * batch_size), len(work), summary)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -54,6 +55,7 @@ class PreparedImage:
     decoded: DecodedImage
     thumbnail: bytes
     pixels: torch.Tensor | None = None  # the model's input, when prepared ahead of the model
+    vector: np.ndarray | None = None  # the model's output, when embedded ahead of storing
     extra: dict = field(default_factory=dict)  # caller's bookkeeping (e.g. the source path)
 
 
@@ -134,7 +136,9 @@ def store_prepared(
 
         vectors = None
         if new:
-            if all(p.pixels is not None for p in new):
+            if all(p.vector is not None for p in new):
+                vectors = np.stack([p.vector for p in new])
+            elif all(p.pixels is not None for p in new):
                 vectors = embedder.encode_preprocessed(torch.stack([p.pixels for p in new]))
             else:
                 vectors = embedder.encode_images([p.decoded.rgb for p in new])
