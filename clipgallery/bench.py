@@ -640,7 +640,7 @@ def measure_model_fidelity(settings: Settings, model_dir: Path, files: list[Path
 def sharing_embedder(base, **settings_changes):
     """An embedder that uses `base`'s loaded model under other settings (e.g. query_threads)."""
     embedder = base.__class__(base.settings.with_overrides(**settings_changes))
-    embedder._model, embedder._threads, embedder._image_dtype = base._model, base._threads, base._image_dtype
+    embedder._model, embedder._threads = base._model, base._threads
     embedder._preprocess, embedder._tokenizer, embedder._identity = base._preprocess, base._tokenizer, base._identity
     return embedder
 

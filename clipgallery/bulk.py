@@ -24,7 +24,7 @@ from sqlmodel import Session
 from clipgallery.embedding import Embedder
 from clipgallery.gallery import delete_images, known_file_paths
 from clipgallery.imaging import RejectedImage
-from clipgallery.ingest import IngestOutcome, PreparedImage, prepare_image, store_prepared
+from clipgallery.ingest import IngestOutcome, PreparedImage, embed_prepared, prepare_image, store_prepared
 from clipgallery.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -195,14 +195,9 @@ def _read_and_prepare(path: Path, stat: os.stat_result, embedder: Embedder, meta
 
 
 def _embed_ahead(embedder: Embedder, batch: list[PreparedImage]) -> list[PreparedImage]:
-    """The model's vectors for a prepared batch, computed while the previous batch is being stored."""
-    import torch
-
-    ready = [p for p in batch if p.pixels is not None]
-    if ready:
-        vectors = embedder.encode_preprocessed(torch.stack([p.pixels for p in ready]))
-        for prepared, vector in zip(ready, vectors, strict=True):
-            prepared.vector = vector
+    """A prepared batch with its vectors, computed while the previous batch is being stored."""
+    if batch:
+        embed_prepared(embedder, batch)
     return batch
 
 

@@ -149,7 +149,6 @@ class Embedder:
         # query (milliseconds) need not wait behind an image query or an indexing batch.
         self._tower_locks = {"image": threading.Lock(), "text": threading.Lock()}
         self._model = None
-        self._image_dtype = None
         self._threads = 1
         self._preprocess = None
         self._tokenizer = None
@@ -247,7 +246,6 @@ class Embedder:
         text_precision = resolve_precision(self.settings.text_precision)
         if text_precision == "bf16":
             model = to_bf16(model, towers=("text",))
-        self._image_dtype = next(model.visual.parameters()).dtype
         dimension = int(getattr(model, "embed_dim", 0) or spec.dimension)
         self._preprocess = preprocess
         self._tokenizer = tokenizer
@@ -279,20 +277,12 @@ class Embedder:
 
     def preprocess(self, image: PILImage.Image) -> torch.Tensor:
         """The model's resize/crop/normalise transform for one RGB image (safe to call from threads)."""
-        import torch
-
         self.load()
         # On one thread: preprocessing runs beside the model (bulk indexing's threads, server
         # threads), and its small tensor operations spread over several threads would wait for
         # cores the model is using.
-        previous = torch.get_num_threads()
-        if previous != 1:
-            torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             return self._preprocess(image)
-        finally:
-            if previous != 1:
-                torch.set_num_threads(previous)
 
     @contextmanager
     def _forward_pass(self, tower: str, batch_size: int) -> Iterator[None]:
@@ -301,20 +291,13 @@ class Embedder:
         while other work runs, loses 5-10x to threads waiting for each other (docs/benchmarks.md)."""
         import torch
 
-        # torch's thread count belongs to the calling thread (OpenMP): set it on every pass, so
-        # server threads started before the model was loaded obey the settings too.
+        # Set on every pass (see torch_threads), so server threads started before the model was
+        # loaded obey the settings too.
         wanted = self._threads
         if batch_size == 1 and self.settings.query_threads > 0:
             wanted = min(self.settings.query_threads, wanted)
-        with self._tower_locks[tower], torch.inference_mode():
-            previous = torch.get_num_threads()
-            if wanted != previous:
-                torch.set_num_threads(wanted)
-            try:
-                yield
-            finally:
-                if wanted != previous:
-                    torch.set_num_threads(previous)
+        with self._tower_locks[tower], torch.inference_mode(), torch_threads(wanted):
+            yield
 
     def encode_preprocessed(self, batch: torch.Tensor) -> np.ndarray:
         """(n, d) float32 unit vectors of preprocessed images. A single image (a query) shares its
@@ -328,7 +311,9 @@ class Embedder:
     def _image_pass(self, batch: torch.Tensor) -> np.ndarray:
         import torch
 
-        features = self._model.encode_image(batch.to(self._image_dtype))
+        # The image tower's own dtype: bf16 when `to_bf16` converted it (its input must match).
+        image_dtype = next(self._model.visual.parameters()).dtype
+        features = self._model.encode_image(batch.to(image_dtype))
         features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
 
@@ -393,6 +378,22 @@ class Embedder:
             while len(self._text_cache) > TEXT_CACHE_SIZE:
                 self._text_cache.popitem(last=False)
         return vector
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """`count` torch threads inside the block, for the calling thread: torch's thread count is
+    per thread (OpenMP), so this neither needs nor takes a lock."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != previous:
+            torch.set_num_threads(previous)
 
 
 def encode_text_to_end_token(model, tokens: torch.Tensor) -> torch.Tensor:

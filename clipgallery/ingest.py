@@ -99,6 +99,23 @@ def prepare_image(
     return prepared
 
 
+def embed_prepared(embedder: Embedder, batch: list[PreparedImage]) -> np.ndarray:
+    """(n, d) vectors of a non-empty batch. Items embedded ahead (bulk indexing's model thread)
+    keep their vector; the others are embedded now, from their prepared pixels when all have
+    them, and keep theirs too."""
+    import torch
+
+    todo = [p for p in batch if p.vector is None]
+    if todo:
+        if all(p.pixels is not None for p in todo):
+            vectors = embedder.encode_preprocessed(torch.stack([p.pixels for p in todo]))
+        else:
+            vectors = embedder.encode_images([p.decoded.rgb for p in todo])
+        for prepared, vector in zip(todo, vectors, strict=True):
+            prepared.vector = vector
+    return np.stack([p.vector for p in batch])
+
+
 def store_prepared(
     session: Session,
     embedder: Embedder,
@@ -113,8 +130,6 @@ def store_prepared(
     source files there). On any failure the transaction is rolled back and files written by this
     call are removed.
     """
-    import torch
-
     model_id = gallery_model_id(session, embedder)
     for attempt in range(2):
         existing = dict(
@@ -134,14 +149,7 @@ def store_prepared(
                 outcomes.append(IngestOutcome("added", prepared.filename, None, prepared.name))
                 new.append(prepared)
 
-        vectors = None
-        if new:
-            if all(p.vector is not None for p in new):
-                vectors = np.stack([p.vector for p in new])
-            elif all(p.pixels is not None for p in new):
-                vectors = embedder.encode_preprocessed(torch.stack([p.pixels for p in new]))
-            else:
-                vectors = embedder.encode_images([p.decoded.rgb for p in new])
+        vectors = embed_prepared(embedder, new) if new else None
 
         written: list[str] = []
         try:

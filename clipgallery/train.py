@@ -42,7 +42,7 @@ import random
 import shutil
 import string
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipgallery.datasets import LabelledImage, stratified_split
-from clipgallery.embedding import MODEL_CONFIG_FILE, WEIGHTS_FILE, file_sha256
+from clipgallery.embedding import MODEL_CONFIG_FILE, WEIGHTS_FILE, file_sha256, torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -258,19 +258,30 @@ def augment(batch: torch.Tensor, options: TrainOptions, generator: torch.Generat
     return out
 
 
+def _length_sorted_batches(
+    model, tokenizer, captions: Sequence[str], batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(caption indices, tokens, attention mask) of `captions` in batches of similar length, the
+    padding trimmed to each batch's longest caption: the HF tower masks padding, so trimming gives
+    the same vectors for a fraction of the work."""
+    pad = model.text.config.pad_token_id
+    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        tokens = tokenizer([captions[i] for i in index])
+        mask = (tokens != pad).long()
+        length = max(int(mask.sum(dim=1).max()), 1)
+        yield index, tokens[:, :length], mask[:, :length]
+
+
 def encode_captions(model, tokenizer, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """Text features of `captions` (not normalised), batched by length with padding trimmed per batch:
-    the HF tower masks padding, so trimming gives the same vectors for a fraction of the work."""
+    """Text features of `captions` (not normalised), through the (HF) text tower in length-sorted batches."""
     import torch
 
-    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
     out: torch.Tensor | None = None
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            tokens = tokenizer([captions[i] for i in index])
-            length = int((tokens != 0).sum(dim=1).max())
-            features = model.encode_text(tokens[:, : max(length, 1)]).float()
+        for index, tokens, _ in _length_sorted_batches(model, tokenizer, captions, batch_size):
+            features = model.encode_text(tokens).float()
             if out is None:
                 out = torch.zeros(len(captions), features.shape[1])
             out[index] = features
@@ -361,15 +372,8 @@ class LowerLayerCache:
         self.first = len(layers) - unlocked
         self.states: list[torch.Tensor] = [torch.empty(0)] * len(captions)
         transformer = model.text.transformer
-        pad = model.text.config.pad_token_id
-        order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                index = order[start : start + batch_size]
-                tokens = tokenizer([captions[i] for i in index])
-                mask = (tokens != pad).long()
-                length = max(int(mask.sum(dim=1).max()), 1)
-                tokens, mask = tokens[:, :length], mask[:, :length]
+            for index, tokens, mask in _length_sorted_batches(model, tokenizer, captions, batch_size):
                 hidden = transformer(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states
                 # hidden_states[k] is the input of layer k (0: the embeddings)
                 for row, i in enumerate(index):
@@ -521,13 +525,8 @@ def train(
         raise TrainingError("--unlock-text-layers is for --mode lit (finetune trains the whole text tower)")
     if options.unlock_text_layers < 0:
         raise TrainingError(f"--unlock-text-layers must be 0 or more, got {options.unlock_text_layers}")
-    threads_before = torch.get_num_threads()
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    try:
+    with torch_threads(options.threads or torch.get_num_threads()):
         return _train(items, Path(output), options, source)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, source: str) -> TrainResult:

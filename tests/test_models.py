@@ -201,15 +201,8 @@ def test_concurrent_image_queries_share_one_forward_pass(embedder, monkeypatch):
     def query(i: int) -> None:
         results[i] = embedder.encode_images([images[i]])[0]
 
-    workers = [threading.Thread(target=query, args=(i,)) for i in range(len(images))]
-    with embedder._tower_locks["image"]:  # a pass is running: the queries queue up
-        for worker in workers:
-            worker.start()
-        deadline = time.monotonic() + 30
-        while len(embedder._query_queue) < len(images) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for worker in workers:
-        worker.join(30)
+    queries = [threading.Thread(target=query, args=(i,)) for i in range(len(images))]
+    _queue_up_while_the_image_tower_is_busy(embedder, queries)
     assert passes == [len(images)]
     together = np.stack([results[i] for i in range(len(images))])
     assert np.min(np.sum(together * alone, axis=1)) >= 0.999
@@ -226,13 +219,18 @@ def test_concurrent_image_queries_share_one_forward_pass(embedder, monkeypatch):
         except RuntimeError as exc:
             errors.append(str(exc))
 
-    workers = [threading.Thread(target=failing_query) for _ in range(3)]
+    _queue_up_while_the_image_tower_is_busy(embedder, [threading.Thread(target=failing_query) for _ in range(3)])
+    assert errors == ["out of memory"] * 3 and embedder._query_queue == []
+
+
+def _queue_up_while_the_image_tower_is_busy(embedder, workers) -> None:
+    """Start `workers` (each one image query) while a pass holds the image tower, let go once all
+    of them wait in the queue, and wait for them to finish."""
     with embedder._tower_locks["image"]:
         for worker in workers:
             worker.start()
         deadline = time.monotonic() + 30
-        while len(embedder._query_queue) < 3 and time.monotonic() < deadline:
+        while len(embedder._query_queue) < len(workers) and time.monotonic() < deadline:
             time.sleep(0.01)
     for worker in workers:
         worker.join(30)
-    assert errors == ["out of memory"] * 3 and embedder._query_queue == []
