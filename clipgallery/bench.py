@@ -8,7 +8,8 @@ machine this was written on is shared: a figure from another run says little). S
   path `bulk.index_folder` into fresh throwaway databases (fp32, int8), and the seed-style
   pipeline (the same open_clip model in fp32, then chromadb `collection.add`). The model-only
   vectors also give the fidelity of int8 against fp32.
-- **text** — the text tower alone: fp32 / int8 × 1 / 2 torch threads, interleaved per query.
+- **text** — the text tower alone: fp32 / bf16 / int8 × 1 / 2 torch threads, in rotating
+  blocks of queries (`QUERY_BLOCK`).
 - **index + query**, for every size N — a database with the real schema holding the real
   embeddings of the images plus synthetic vectors drawn around them (a Gaussian mixture centred
   on the real embeddings, renormalised; see `mixture_sigma`), HNSW built for `vector` and
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -293,6 +294,19 @@ class Server:
         with self.admin() as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
+    def drop_orphans(self, say: Log) -> None:
+        """Drop the throwaway databases (named after their run's process id) of runs that were
+        killed before they could clean up."""
+        import psutil
+
+        with self.admin() as conn:
+            names = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_%'")]
+        for name in names:
+            pid = re.fullmatch(rf"{DATABASE_PREFIX}(?:ingest_\w+|sensitivity)_(\d+)", name)
+            if pid and not psutil.pid_exists(int(pid.group(1))):
+                say(f"dropping {name}, left by a run that did not finish")
+                self.drop(name)
+
     def settings_for(self, name: str, **changes) -> Settings:
         return self.settings.with_overrides(database_url=self.url(name), **changes)
 
@@ -314,8 +328,9 @@ def bench_server_settings(options: BenchOptions, model_dir: Path) -> Settings:
     return Settings(
         database_url=options.database_url,
         state_dir=options.state_dir,
-        # The 1M-vector HNSW graph (~3 GB) must fit in maintenance_work_mem or the build spills.
-        pg_maintenance_work_mem="4096MB" if total_gb >= 16 else "auto",
+        # The 1M-vector HNSW graph (≈ 3 GB at m 32, more at m 48) must fit in maintenance_work_mem
+        # or the build spills (several times slower).
+        pg_maintenance_work_mem="6144MB" if total_gb >= 20 else "4096MB" if total_gb >= 16 else "auto",
         model_name=str(model_dir),
         embed_batch_size=options.batch_size,
         torch_threads=options.torch_threads,
@@ -349,6 +364,21 @@ def _rounds(files: list[Path], size: int) -> list[list[Path]]:
 def _rotate(items: list, by: int) -> list:
     by %= len(items)
     return items[by:] + items[:by]
+
+
+# Query latencies are compared in blocks of this many consecutive queries per variant, the
+# variants' order rotating from block to block. Interleaving single queries would stream every
+# variant's weights (several hundred MB) through the caches between two queries of one model,
+# which no deployment does: it runs one model, whose weights then stay in the (480 MB) L3.
+QUERY_BLOCK = 10
+
+
+def _blocks(keys: list, n: int, block: int = QUERY_BLOCK) -> Iterator[tuple[object, int]]:
+    """(variant, query index) pairs: every variant runs queries 0..n-1, `block` at a time."""
+    for b, start in enumerate(range(0, n, block)):
+        for key in _rotate(keys, b):
+            for i in range(start, min(n, start + block)):
+                yield key, i
 
 
 def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: list[Path], say: Log) -> dict:
@@ -639,10 +669,7 @@ def measure_model_fidelity(settings: Settings, model_dir: Path, files: list[Path
 
 def sharing_embedder(base, **settings_changes):
     """An embedder that uses `base`'s loaded model under other settings (e.g. query_threads)."""
-    embedder = base.__class__(base.settings.with_overrides(**settings_changes))
-    embedder._model, embedder._threads = base._model, base._threads
-    embedder._preprocess, embedder._tokenizer, embedder._identity = base._preprocess, base._tokenizer, base._identity
-    return embedder
+    return base.sharing_model(**settings_changes)
 
 
 def text_variant_embedder(fp32_text, precision: str):
@@ -663,7 +690,7 @@ def text_variant_embedder(fp32_text, precision: str):
 
 def run_text_tower(fp32_text, n: int) -> dict:
     """Text encoding latency (no cache), fp32 / bf16 (where the CPU has it natively) / int8 text
-    tower x 1 / default torch threads, interleaved query by query."""
+    tower x 1 / default torch threads, in rotating blocks of queries (`_blocks`)."""
     towers = {"fp32": fp32_text}
     for precision in ("bf16", "int8") if resolve_precision("auto") == "bf16" else ("int8",):
         towers[precision] = text_variant_embedder(fp32_text, precision)
@@ -677,11 +704,10 @@ def run_text_tower(fp32_text, n: int) -> dict:
     samples: dict[tuple[str, int], list[float]] = {v: [] for v in embedders}
     for embedder in embedders.values():
         embedder.encode_texts(["warm up"])
-    for i, prompt in enumerate(prompts):
-        for variant in _rotate(list(embedders), i):
-            started = time.perf_counter()
-            embedders[variant].encode_texts([prompt])
-            samples[variant].append(time.perf_counter() - started)
+    for variant, i in _blocks(list(embedders), len(prompts)):
+        started = time.perf_counter()
+        embedders[variant].encode_texts([prompts[i]])
+        samples[variant].append(time.perf_counter() - started)
     return {f"{p}/{t}": latency(s) for (p, t), s in samples.items()}
 
 
@@ -898,7 +924,10 @@ def sensitivity(server: Server, base: np.ndarray, n: int, queries: int, ef: int,
     name = f"{DATABASE_PREFIX}sensitivity_{os.getpid()}"
     rows = []
     try:
-        for mult, m, ef_construction in ((0.5, 16, 64), (1.0, 16, 64), (2.0, 16, 64), (0.5, 32, 128), (1.0, 32, 128)):
+        default = Settings()
+        configs = [(1.0, 16, 64), (1.0, 32, 128), (1.0, 48, 128), (1.0, 32, 256)]
+        configs += [(mult, default.hnsw_m, default.hnsw_ef_construction) for mult in (0.5, 2.0)]
+        for mult, m, ef_construction in configs:
             rng = np.random.default_rng([GENERATOR_SEED, n, int(mult * 100)])
             data = np.concatenate([base[:n], mixture_vectors(base, sigma * mult, max(0, n - len(base)), rng)])
             q = mixture_vectors(
@@ -943,13 +972,16 @@ def sensitivity(server: Server, base: np.ndarray, n: int, queries: int, ef: int,
 
 
 def _psycopg_sql(sql: str) -> str:
-    return re.sub(r":(\w+)", r"%(\1)s", sql)
+    # SQLAlchemy's :name parameters as psycopg's %(name)s (not the :: of a cast).
+    return re.sub(r"(?<!:):(\w+)", r"%(\1)s", sql)
 
 
 def index_sql(storage: str, dim: int, exact: bool = False) -> str:
     from clipgallery.search import search_sql
 
-    sql = _psycopg_sql(search_sql("cosine", uses_index=not exact, with_threshold=False, with_exclude=False))
+    sql = _psycopg_sql(
+        search_sql("cosine", uses_index=not exact, with_threshold=False, with_exclude=False, limit=K + 1)
+    )
     if storage == "halfvec":
         old = "(e.embedding <=> %(query)s)"
         assert old in sql
@@ -974,7 +1006,7 @@ def sql_search_runs(
         for ef in ef_values:
             if not exact:
                 conn.execute(f"SET hnsw.ef_search = {int(ef)}")
-            params = {"model_id": sdb.model_id, "limit": K + 1, "offset": 0}
+            params = {"model_id": sdb.model_id}
             # Warm the plan and the pages a first query would fault in.
             for q in queries[: min(5, len(queries))]:
                 conn.execute(sql, {**params, "query": q}, prepare=True).fetchall()
@@ -1039,9 +1071,9 @@ def chroma_search(data: np.ndarray, queries: np.ndarray, truth: np.ndarray, say:
 
 def service_queries(server: Server, sdb: SizeDatabase, embedders: dict, files: list[Path], n_text: int) -> dict:
     """search_text (new and repeated queries) and search_image_bytes through the real services,
-    with the shipped defaults (precision auto, hybrid text search, one thread per query),
-    interleaved query by query with: fp32 text tower, fp32 and int8 image towers, vector-only
-    text search, and all torch threads per query."""
+    with the shipped defaults (precision auto, hybrid text search, one thread per query), side
+    by side (rotating blocks of queries, `_blocks`) with: fp32 text tower, fp32 and int8 image
+    towers, vector-only text search, and all torch threads per query."""
     from clipgallery import db
     from clipgallery.search import search_image_bytes, search_text
 
@@ -1066,20 +1098,17 @@ def service_queries(server: Server, sdb: SizeDatabase, embedders: dict, files: l
             search_text(session, e, "warm up")
             session.commit()
         for phase in ("text", "repeated"):
-            for i, prompt in enumerate(prompts):
-                for key in _rotate(list(variants), i):
-                    embedder, hybrid = variants[key]
-                    started = time.perf_counter()
-                    search_text(session, embedder, prompt, hybrid=hybrid)
-                    session.commit()
-                    results.setdefault(f"{phase}_{key}", []).append(time.perf_counter() - started)
-        image_keys = ["default", "fp32", "int8", "all_threads"]
-        for i, data in enumerate(images):
-            for key in _rotate(image_keys, i):
+            for key, i in _blocks(list(variants), len(prompts)):
+                embedder, hybrid = variants[key]
                 started = time.perf_counter()
-                search_image_bytes(session, variants[key][0], data)
+                search_text(session, embedder, prompts[i], hybrid=hybrid)
                 session.commit()
-                results.setdefault(f"image_{key}", []).append(time.perf_counter() - started)
+                results.setdefault(f"{phase}_{key}", []).append(time.perf_counter() - started)
+        for key, i in _blocks(["default", "fp32", "int8", "all_threads"], len(images), block=5):
+            started = time.perf_counter()
+            search_image_bytes(session, variants[key][0], images[i])
+            session.commit()
+            results.setdefault(f"image_{key}", []).append(time.perf_counter() - started)
     db.get_engine(settings).dispose()
     return {k: latency(v) for k, v in results.items()}
 
@@ -1213,6 +1242,7 @@ def run_bench(options: BenchOptions) -> dict:
     files = image_files(options.images, options.image_limit)
     settings = bench_server_settings(options, model_dir)
     server = Server(settings)
+    server.drop_orphans(say)
     report: dict = {
         "command": options.command,
         "started": datetime.now().isoformat(timespec="seconds"),
@@ -1343,7 +1373,8 @@ def run_size(options, server, embedders: dict, base, n, model_dir, files, say) -
     say(f"size {n:,}: service-level queries")
     result["service"] = service_queries(server, sdb, embedders, files, options.text_queries)
     http_size = max([s for s in options.sizes if s <= 100_000] or [min(options.sizes)])
-    if n == min(options.sizes):
+    # Graph density at the largest size up to 100k (six builds: not at 1M).
+    if n == max([s for s in options.sizes if s <= 100_000], default=None):
         say(f"size {n:,}: sensitivity to the mixture's width and to m")
         result["sensitivity"] = sensitivity(server, base, n, min(100, options.queries), default_ef(), say)
     if options.http and n == http_size:
@@ -1511,6 +1542,8 @@ def write_plot(report: dict, path: Path) -> Path | None:
 
 
 def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
+    from clipgallery.search import KEYWORD_SCAN_LIMIT
+
     m = report["machine"]
     lines = [
         "# Benchmarks",
@@ -1612,7 +1645,8 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             "Each reduced precision of the image tower against fp32, on the same images. int8 = "
             "`CLIPGALLERY_PRECISION=int8`: dynamic int8 quantisation of every Linear layer, the attention q/k/v "
             "projection included. bf16 = `CLIPGALLERY_PRECISION=bf16` (the default `auto` where the CPU has "
-            "native bf16): the whole tower in bf16, Linear weights pre-packed for oneDNN. Text queries use the "
+            "native bf16): the whole tower in bf16. Every image tower runs as a TorchScript trace "
+            "(`CLIPGALLERY_TRACE_IMAGE_TOWER`, on by default: no GIL per operation). Text queries use the "
             "shipped text tower in both columns. With random weights these figures measure numerical fidelity "
             "only (the rankings themselves mean nothing); a trained model, when one is found under `models/`, "
             "is measured below.",
@@ -1692,7 +1726,9 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             "## Text tower",
             "",
             "Encoding one query (tokenise + tower up to the end-of-text token + normalise), no cache; variants "
-            "interleaved query by query. bf16 = `CLIPGALLERY_TEXT_PRECISION=bf16` (the default `auto` on CPUs "
+            f"side by side in rotating blocks of {QUERY_BLOCK} queries (one deployment runs one model: "
+            "interleaving single queries would stream every variant's weights through the caches between "
+            "two queries of one model). bf16 = `CLIPGALLERY_TEXT_PRECISION=bf16` (the default `auto` on CPUs "
             "with native bf16; this run's default: "
             f"{report.get('text_precision', 'fp32')}): bf16 weights pre-packed for oneDNN. int8 here "
             "quantises the text tower, which `CLIPGALLERY_PRECISION=int8` does not do (it quantises the image "
@@ -1834,10 +1870,14 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
                     f"### Sensitivity ({int(n):,} vectors, plain `ORDER BY embedding <=> q LIMIT 10`, "
                     f"ef_search {default_ef()})",
                     "",
-                    "The same generator with a narrower / wider noise, and a denser graph. Recall that stays flat "
-                    "as ef_search grows (table above) means parts of the graph are unreachable from the entry "
-                    "point: tight, well separated clusters of near-equidistant points (isotropic noise in 512 "
-                    "dimensions) are HNSW's hard case; m = 32 links them.",
+                    "The same generator with other graph densities, and with a narrower / wider noise at the "
+                    "shipped m and ef_construction. Recall that stays flat as ef_search grows (table above) means "
+                    "parts of the graph are unreachable from the entry point: a cluster of points scattered "
+                    "isotropically in 512 dimensions is nearly equidistant from itself, HNSW's hard case, where "
+                    "the neighbour-selection heuristic leaves some points with no incoming links. More links per "
+                    "node (m) reach them; a wider candidate search while building (ef_construction) barely does. "
+                    "The real (random-weight) embeddings themselves span ≈ 2 effective dimensions (participation "
+                    "ratio of their covariance), the noise all 512.",
                     "",
                     *_table(
                         ["σ (× base)", "m", "ef_construction", "recall@10", "build s", "index size"],
@@ -1864,12 +1904,14 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             f"{default_ef()}, k 20, model check, join to images; one torch thread per query, "
             "`CLIPGALLERY_QUERY_THREADS=1`; text tower "
             f"{report.get('text_precision', 'fp32')}), one session, after a warm-up; new queries miss the "
-            "text-embedding cache, repeated ones hit it. Side by side, interleaved query by query: the fp32 "
+            "text-embedding cache, repeated ones hit it. Side by side, in rotating blocks of "
+            f"{QUERY_BLOCK} queries (5 for images): the fp32 "
             "text tower (`CLIPGALLERY_TEXT_PRECISION=fp32`), the int8 image tower, "
             "vector-only text search (`hybrid=False`), and all torch threads for each query "
             "(`CLIPGALLERY_QUERY_THREADS=0`). Stored names are `<query subject> item <n>` (`bench.bench_name`): "
-            "each subject is in 5 % of the rows, so every text query's full-text side ranks 1,000 matches "
-            "(its cap) at 100k — the heavy case, not the free one of names nothing matches.",
+            "each subject is in 5 % of the rows, so every text query's full-text side ranks "
+            f"{KEYWORD_SCAN_LIMIT} matches (its cap) at 100k — the heavy case, not the free one of names "
+            "nothing matches. The full-text side runs while the query is being encoded (`search.search_text`).",
             "",
         ]
 

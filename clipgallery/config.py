@@ -95,6 +95,8 @@ class Settings:
     embed_batch_size: int = 32
     precision: str = "auto"  # of the image tower
     text_precision: str = "auto"
+    # Run the image tower as a TorchScript trace (no GIL per operation; embedding.trace_image_tower).
+    trace_image_tower: bool = True
 
     # Access: sessions end after session_hours; a private gallery needs a login to search.
     session_hours: int = 12
@@ -102,9 +104,10 @@ class Settings:
 
     # Search
     index_metric: str = "cosine"
-    # m 32 / ef_construction 128 / ef_search 100: the bench's 1M near queries reach recall@10 0.94 at
-    # p95 7 ms, where m 16 / 64 levelled off below 0.89 whatever ef_search (docs/benchmarks.md).
-    hnsw_m: int = 32
+    # m 48 / ef_construction 128 / ef_search 100, from the bench's curves (docs/benchmarks.md): on its
+    # hard synthetic data recall@10 levels off whatever ef_search, at 0.89 (m 16), 0.94 (m 32) and
+    # 0.98 (m 48, 100k vectors); more links cost index size (1.5x m 32) and build time (2x).
+    hnsw_m: int = 48
     hnsw_ef_construction: int = 128
     hnsw_ef_search: int = 100
     default_k: int = 20
@@ -200,6 +203,7 @@ def load_settings() -> Settings:
         embed_batch_size=_env_int("CLIPGALLERY_EMBED_BATCH_SIZE", defaults.embed_batch_size, 1),
         precision=_env("CLIPGALLERY_PRECISION", defaults.precision).lower(),
         text_precision=_env("CLIPGALLERY_TEXT_PRECISION", defaults.text_precision).lower(),
+        trace_image_tower=_env_bool("CLIPGALLERY_TRACE_IMAGE_TOWER", defaults.trace_image_tower),
         session_hours=_env_int("CLIPGALLERY_SESSION_HOURS", defaults.session_hours, 1),
         private_gallery=_env_bool("CLIPGALLERY_PRIVATE", defaults.private_gallery),
         index_metric=_env("CLIPGALLERY_INDEX_METRIC", defaults.index_metric).lower(),

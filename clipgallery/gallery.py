@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 
 import numpy as np
-from sqlalchemy import func, select, text
+from sqlalchemy import Row, func, select, text
 from sqlmodel import Session
 
 from clipgallery.config import Settings
@@ -81,25 +81,34 @@ def foreign_models(session: Session, model_id: int) -> list[tuple[EmbeddingModel
     return [(model, count) for model, count in rows]
 
 
-def gallery_model_id(session: Session, embedder: Embedder) -> int:
+# The gallery's model state, as columns of a SELECT: searches read it in the same round trip
+# as their transaction settings (`search.search_vector`). Each part is an index or catalogue
+# lookup: min/max of an indexed column are read from the ends of the index, whatever its size.
+MODEL_STATE_COLUMNS = (
+    "(SELECT atttypmod FROM pg_attribute "
+    " WHERE attrelid = 'image_embeddings'::regclass AND attname = 'embedding') AS dimension, "
+    "(SELECT id FROM embedding_models WHERE architecture = :model_architecture AND weights = :model_weights) "
+    "AS model_id, "
+    "(SELECT min(model_id) FROM image_embeddings) AS lowest, "
+    "(SELECT max(model_id) FROM image_embeddings) AS highest"
+)
+
+
+def model_state_params(embedder: Embedder) -> dict[str, str]:
+    identity = embedder.identity
+    return {"model_architecture": identity.architecture, "model_weights": identity.weights}
+
+
+def gallery_model_id(session: Session, embedder: Embedder, state: Row | None = None) -> int:
     """The configured model's id, after checking that the stored vectors are all its own.
 
     Raises ModelMismatchError naming the re-embed command when they are not, so a search never
-    compares vectors of two models and an ingest never adds a second model's vectors.
+    compares vectors of two models and an ingest never adds a second model's vectors. `state`:
+    the row of MODEL_STATE_COLUMNS when the caller has already read it.
     """
     identity = embedder.identity
-    # One round trip on every search, each part an index or catalogue lookup: min/max of an
-    # indexed column are read from the ends of the index, whatever the table's size.
-    state = session.execute(
-        text(
-            "SELECT (SELECT atttypmod FROM pg_attribute "
-            "        WHERE attrelid = 'image_embeddings'::regclass AND attname = 'embedding') AS dimension, "
-            "       (SELECT id FROM embedding_models WHERE architecture = :a AND weights = :w) AS model_id, "
-            "       (SELECT min(model_id) FROM image_embeddings) AS lowest, "
-            "       (SELECT max(model_id) FROM image_embeddings) AS highest"
-        ),
-        {"a": identity.architecture, "w": identity.weights},
-    ).one()
+    if state is None:
+        state = session.execute(text(f"SELECT {MODEL_STATE_COLUMNS}"), model_state_params(embedder)).one()
     dimension = state.dimension if state.dimension and state.dimension > 0 else None
     has_vectors = state.lowest is not None
     if dimension != identity.dimension and not has_vectors:

@@ -1,4 +1,5 @@
-"""Similarity search: one SQL statement per query, bound parameters, ordered by distance then id.
+"""Similarity search: one distance-ordered SQL statement per query (hybrid text search adds one
+for its keyword side), bound parameters, ordered by distance then id.
 
 Distances are pgvector's: cosine `<=>` (0..2), L2 `<->`, negative inner product `<#>`, L1 `<+>`.
 Similarity is the cosine similarity the distance implies for unit vectors (all stored vectors
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +21,15 @@ from sqlmodel import Session
 
 from clipgallery.config import METRICS, Settings
 from clipgallery.embedding import Embedder
-from clipgallery.gallery import ImageFilters, NotFoundError, file_url, gallery_model_id, vector_to_numpy
+from clipgallery.gallery import (
+    MODEL_STATE_COLUMNS,
+    ImageFilters,
+    NotFoundError,
+    file_url,
+    gallery_model_id,
+    model_state_params,
+    vector_to_numpy,
+)
 from clipgallery.imaging import DecodedImage, decode_image
 from clipgallery.models import METRIC_OPERATORS
 
@@ -110,8 +120,23 @@ def _distance_and_conditions(
     return distance_sql, " AND ".join(conditions)
 
 
+def _page_clause(limit: int, offset: int) -> str:
+    # Row counts are written into the statement (validated integers), not bound: known, they let
+    # PostgreSQL's cached generic plan keep the HNSW index scan, so a prepared search skips
+    # planning (1 ms of the hybrid statement's 4.6 at 100k); bound, every execution was planned
+    # anew, the generic plan being a sequential scan (docs/benchmarks.md).
+    return f"LIMIT {int(limit)} OFFSET {int(offset)}"
+
+
 def search_sql(
-    metric: str, uses_index: bool, with_threshold: bool, with_exclude: bool, extra_conditions: Sequence[str] = ()
+    metric: str,
+    uses_index: bool,
+    with_threshold: bool,
+    with_exclude: bool,
+    extra_conditions: Sequence[str] = (),
+    *,
+    limit: int,
+    offset: int = 0,
 ) -> str:
     """The one statement behind every search (exposed so tests and docs can EXPLAIN it)."""
     distance_sql, where = _distance_and_conditions(metric, uses_index, with_threshold, with_exclude, extra_conditions)
@@ -120,7 +145,7 @@ def search_sql(
         f"{distance_sql} AS distance "
         "FROM image_embeddings e JOIN images i ON i.id = e.image_id "
         f"WHERE {where} "
-        "ORDER BY distance, i.id LIMIT :limit OFFSET :offset"
+        f"ORDER BY distance, i.id {_page_clause(limit, offset)}"
     )
 
 
@@ -165,34 +190,58 @@ def keyword_query(query: str) -> str | None:
     return " ".join(words) or None
 
 
-def hybrid_search_sql(
-    metric: str, uses_index: bool, with_threshold: bool, with_exclude: bool, extra_conditions: Sequence[str] = ()
+def keyword_ranking_sql(
+    with_exclude: bool,
+    extra_conditions: Sequence[str] = (),
+    *,
+    depth: int,
+    keyword_scan: int = KEYWORD_SCAN_LIMIT,
 ) -> str:
-    """Hybrid search in one statement: reciprocal rank fusion of the vector ranking and the
-    full-text ranking over names and descriptions (score = sum over both of 1 / (rrf_k + rank)).
-
-    Each side ranks its best :depth images; an image found by one side only gets that side's
-    term. The keyword side reads only `images` (filters and the excluded image apply there; the
-    model and the similarity threshold apply to every fused row): joining each match to its vector
-    would cost more than the ranking. Ties go to the nearer vector, then the lower id."""
-    distance_sql, where = _distance_and_conditions(metric, uses_index, with_threshold, with_exclude, extra_conditions)
-    operator = METRIC_OPERATORS[metric]
+    """The keyword side of hybrid search: the ids of the `depth` images whose names and
+    descriptions best match the query's words (:keywords), best first (ts_rank_cd). Filters and
+    the excluded image apply here; the model and the similarity threshold apply to every fused
+    row (`hybrid_search_sql`): joining each match to its vector would cost more than the ranking."""
     keyword_where = " AND ".join(["i.search_document @@ words.query", *extra_conditions])
     if with_exclude:
         keyword_where += " AND i.id <> :exclude"
+    return (
+        f"WITH {WORDS_CTE_SQL}, "
+        "keyword_matches AS ("
+        f"SELECT i.id, i.search_document FROM images i, words WHERE {keyword_where} LIMIT {int(keyword_scan)}) "
+        "SELECT m.id FROM keyword_matches m, words "
+        f"ORDER BY ts_rank_cd(m.search_document, words.query) DESC, m.id LIMIT {int(depth)}"
+    )
+
+
+def hybrid_search_sql(
+    metric: str,
+    uses_index: bool,
+    with_threshold: bool,
+    with_exclude: bool,
+    extra_conditions: Sequence[str] = (),
+    *,
+    limit: int,
+    offset: int = 0,
+    depth: int,
+) -> str:
+    """Hybrid search: reciprocal rank fusion of the vector ranking and the keyword ranking
+    (:keyword_ids, best first, from `keyword_ranking_sql`), score = sum over both of
+    1 / (rrf_k + rank).
+
+    Each side ranks its best `depth` images; an image found by one side only gets that side's
+    term. Ties go to the nearer vector, then the lower id. The keyword side is a statement of
+    its own because it does not need the query's vector: it runs while a text query is still
+    being encoded (`search_text`)."""
+    distance_sql, where = _distance_and_conditions(metric, uses_index, with_threshold, with_exclude, extra_conditions)
+    operator = METRIC_OPERATORS[metric]
     final_where = f"WHERE (e.embedding {operator} :query) <= :max_distance " if with_threshold else ""
     return (
         "WITH semantic AS ("
         f"SELECT e.image_id AS id, {distance_sql} AS distance "
         f"FROM image_embeddings e JOIN images i ON i.id = e.image_id WHERE {where} "
-        "ORDER BY distance, e.image_id LIMIT :depth), "
+        f"ORDER BY distance, e.image_id LIMIT {int(depth)}), "
         "semantic_ranked AS (SELECT id, row_number() OVER (ORDER BY distance, id) AS rank FROM semantic), "
-        f"{WORDS_CTE_SQL}, "
-        "keyword_matches AS ("
-        f"SELECT i.id, i.search_document FROM images i, words WHERE {keyword_where} LIMIT :keyword_scan), "
-        "keyword AS ("
-        "SELECT m.id, row_number() OVER (ORDER BY ts_rank_cd(m.search_document, words.query) DESC, m.id) AS rank "
-        "FROM keyword_matches m, words ORDER BY rank LIMIT :depth), "
+        "keyword AS (SELECT k.id, k.rank FROM unnest(CAST(:keyword_ids AS integer[])) WITH ORDINALITY AS k(id, rank)), "
         "fused AS ("
         "SELECT coalesce(s.id, k.id) AS id, "
         "coalesce(1.0 / (:rrf_k + s.rank), 0) + coalesce(1.0 / (:rrf_k + k.rank), 0) AS score, "
@@ -203,15 +252,15 @@ def hybrid_search_sql(
         "FROM fused f JOIN images i ON i.id = f.id "
         "JOIN image_embeddings e ON e.image_id = f.id AND e.model_id = :model_id "
         f"{final_where}"
-        "ORDER BY f.score DESC, distance, i.id LIMIT :limit OFFSET :offset"
+        f"ORDER BY f.score DESC, distance, i.id {_page_clause(limit, offset)}"
     )
 
 
 def search_vector(
     session: Session,
     settings: Settings,
-    model_id: int,
-    vector: np.ndarray,
+    model: int | Embedder,
+    vector: np.ndarray | Future[np.ndarray],
     k: int = 20,
     offset: int = 0,
     min_similarity: float | None = None,
@@ -221,7 +270,10 @@ def search_vector(
     filters: ImageFilters | None = None,
     keywords: str | None = None,
 ) -> SearchPage:
-    """Nearest stored images to `vector` (made by model `model_id`), optionally filtered.
+    """Nearest stored images to `vector`, optionally filtered. `model`: the id of the model that
+    made `vector`, or the configured Embedder, whose id is then checked (`gallery_model_id`) in
+    the round trip that sets the transaction's search settings. `vector` may still be being
+    computed (a Future): it is waited for only once the statements that do not need it are done.
 
     With `keywords` (the query's words, see `keyword_query`) the ranking is hybrid: the vector
     ranking fused with full-text search over names and descriptions (`hybrid_search_sql`)."""
@@ -233,29 +285,20 @@ def search_vector(
     except ValueError as exc:
         raise InvalidQuery(str(exc)) from None
     shape = (metric, uses_index, min_similarity is not None, exclude_image_id is not None, filter_sql)
-    sql = hybrid_search_sql(*shape) if keywords else search_sql(*shape)
-    params: dict = {
-        "query": np.asarray(vector, dtype=np.float32),
-        "model_id": model_id,
-        "limit": k + 1,
-        "offset": offset,
-        **filter_params,
-    }
+    depth = offset + k + 1
+    params: dict = dict(filter_params)
+    if keywords:
+        depth = max(settings.hybrid_depth, depth)
+        sql = hybrid_search_sql(*shape, limit=k + 1, offset=offset, depth=depth)
+        keyword_sql = keyword_ranking_sql(exclude_image_id is not None, filter_sql, depth=depth)
+        params.update(keywords=keywords, rrf_k=settings.rrf_k, common_fraction=settings.hybrid_common_fraction)
+    else:
+        sql = search_sql(*shape, limit=k + 1, offset=offset)
     if exclude_image_id is not None:
         params["exclude"] = exclude_image_id
     if min_similarity is not None:
         params["max_distance"] = distance_bound(metric, min_similarity)
-    depth = offset + k + 1
-    if keywords:
-        depth = max(settings.hybrid_depth, depth)
-        params.update(
-            keywords=keywords,
-            depth=depth,
-            rrf_k=settings.rrf_k,
-            keyword_scan=KEYWORD_SCAN_LIMIT,
-            common_fraction=settings.hybrid_common_fraction,
-        )
-    # Transaction-local settings, all in one round trip.
+    # Transaction-local settings and the model check, all in one round trip.
     configs: list[str] = []
     if uses_index:
         ef_search = min(MAX_EF_SEARCH, max(settings.hnsw_ef_search, depth))
@@ -268,8 +311,18 @@ def search_vector(
         # A word in tens of thousands of images would make the GIN index list them all; a random
         # sample of about this many is what the keyword side can use anyway (KEYWORD_SCAN_LIMIT).
         configs.append(f"set_config('gin_fuzzy_search_limit', '{GIN_FUZZY_SEARCH_LIMIT}', true)")
-    if configs:
-        session.execute(text(f"SELECT {', '.join(configs)}"))
+    if isinstance(model, Embedder):
+        state = session.execute(
+            text(f"SELECT {', '.join([*configs, MODEL_STATE_COLUMNS])}"), model_state_params(model)
+        ).one()
+        params["model_id"] = gallery_model_id(session, model, state)
+    else:
+        if configs:
+            session.execute(text(f"SELECT {', '.join(configs)}"))
+        params["model_id"] = model
+    if keywords:
+        params["keyword_ids"] = list(session.execute(text(keyword_sql), params).scalars())
+    params["query"] = np.asarray(vector.result() if isinstance(vector, Future) else vector, dtype=np.float32)
     rows = session.execute(text(sql), params).all()
     hits = [
         SearchHit(
@@ -319,12 +372,10 @@ def search_text(session: Session, embedder: Embedder, query: str, hybrid: bool |
         raise InvalidQuery("The query is empty.")
     if len(query) > 1000:
         raise InvalidQuery("The query is longer than 1,000 characters.")
-    model_id = gallery_model_id(session, embedder)
     use_hybrid = embedder.settings.hybrid_search if hybrid is None else hybrid
     keywords = keyword_query(query) if use_hybrid else None
-    return search_vector(
-        session, embedder.settings, model_id, embedder.encode_text(query), keywords=keywords, **options
-    )
+    vector = embedder.submit_text(query)  # encoded while the statements that do not need it run
+    return search_vector(session, embedder.settings, embedder, vector, keywords=keywords, **options)
 
 
 def encode_query_image(embedder: Embedder, data: bytes) -> tuple[np.ndarray, DecodedImage]:
@@ -338,8 +389,7 @@ def encode_query_image(embedder: Embedder, data: bytes) -> tuple[np.ndarray, Dec
 def search_by_vector(session: Session, embedder: Embedder, vector: np.ndarray, **options) -> SearchPage:
     """Images nearest to a query vector made by the configured model (e.g. a remembered image
     query, so paging does not need the image again)."""
-    model_id = gallery_model_id(session, embedder)
-    return search_vector(session, embedder.settings, model_id, np.asarray(vector, dtype=np.float32), **options)
+    return search_vector(session, embedder.settings, embedder, np.asarray(vector, dtype=np.float32), **options)
 
 
 def search_image_bytes(session: Session, embedder: Embedder, data: bytes, **options) -> SearchPage:

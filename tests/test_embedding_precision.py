@@ -95,7 +95,12 @@ TEXTS = ["a dog on a beach", "red car", "", "an old photograph of a church in th
 
 
 def _no_float_linear_left(modules) -> bool:
-    return not any(type(m) is torch.nn.Linear or isinstance(m, torch.nn.MultiheadAttention) for m in modules)
+    """No fp32 Linear (bf16 ones are packed, or plain in a traced image tower) and no
+    nn.MultiheadAttention (it wants one dtype for weights and masks)."""
+    return not any(
+        (type(m) is torch.nn.Linear and m.weight.dtype != torch.bfloat16) or isinstance(m, torch.nn.MultiheadAttention)
+        for m in modules
+    )
 
 
 @needs_native_bf16
@@ -123,6 +128,7 @@ def test_bf16_towers_stay_close_to_fp32_each_on_its_own(tiny_model_dir):
     assert _no_float_linear_left(m for name, m in model.named_modules() if not name.startswith("visual"))
     assert next(model.visual.parameters()).dtype == torch.float32
     assert _no_float_linear_left(image_bf16._model.visual.modules())
+    assert isinstance(image_bf16._image_tower, torch.jit.ScriptModule)  # traced: no GIL per operation
     # Same model identity: precision is not a model change (no re-embed needed).
     assert fp32.identity == text_bf16.identity == image_bf16.identity
 
@@ -166,3 +172,24 @@ def test_reduced_precision_keeps_resnet_attention_pooling_working(tmp_path, prec
     reduced = Embedder(Settings(model_name=str(model_dir), precision=precision))
     images = [picture(seed, (80, 80)) for seed in range(6)]
     assert np.min(np.sum(fp32.encode_images(images) * reduced.encode_images(images), axis=1)) >= 0.99
+
+
+def test_an_image_tower_that_cannot_be_traced_runs_eagerly(tiny_model_dir, monkeypatch, caplog):
+    """Tracing is an optimisation: a tower the tracer cannot follow is run eagerly (bf16 with its
+    Linear layers packed, as without tracing), with a warning, and gives the same vectors."""
+    images = [picture(seed, (120, 90)) for seed in range(3)]
+    precision = "bf16" if resolve_precision("auto") == "bf16" else "fp32"
+    traced = Embedder(Settings(model_name=str(tiny_model_dir), precision=precision))
+    expected = traced.encode_images(images)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported input list type")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    eager = Embedder(Settings(model_name=str(tiny_model_dir), precision=precision))
+    vectors = eager.encode_images(images)
+    assert eager._image_tower is eager._model.visual
+    assert "could not be traced" in caplog.text
+    if precision == "bf16":
+        assert not any(type(m) is torch.nn.Linear for m in eager._model.visual.modules())  # packed
+    assert np.min(np.sum(expected * vectors, axis=1)) >= 0.9999

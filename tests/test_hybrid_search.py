@@ -6,8 +6,15 @@ from sqlalchemy import text
 
 from clipgallery.gallery import ImageFilters, gallery_model_id, update_image
 from clipgallery.ingest import ingest_image
-from clipgallery.models import HNSW_INDEX_NAME
-from clipgallery.search import WORDS_CTE_SQL, hybrid_search_sql, keyword_query, search_text, search_vector
+from clipgallery.models import HNSW_INDEX_NAME, SEARCH_DOCUMENT_INDEX_NAME
+from clipgallery.search import (
+    WORDS_CTE_SQL,
+    hybrid_search_sql,
+    keyword_query,
+    keyword_ranking_sql,
+    search_text,
+    search_vector,
+)
 from tests.conftest import encode, ids_page_by_page, insert_synthetic_images, jpeg, picture
 
 
@@ -118,24 +125,22 @@ def test_the_search_document_follows_edits_made_in_sql(gallery, session, embedde
 def test_hybrid_search_uses_the_hnsw_index_on_thousands_of_rows(session, embedder, settings):
     model_id = gallery_model_id(session, embedder)
     rng = np.random.default_rng(1)
-    vectors = rng.normal(size=(3000, 64)).astype(np.float32)
+    vectors = rng.normal(size=(5000, 64)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = insert_synthetic_images(
         session, model_id, vectors, description_sql="CASE WHEN g % 100 = 0 THEN 'rare word' ELSE '' END"
     )
     session.execute(text("ANALYZE images; ANALYZE image_embeddings"))
-    sql = hybrid_search_sql("cosine", uses_index=True, with_threshold=False, with_exclude=False)
-    params = {
-        "query": vectors[0],
-        "model_id": model_id,
-        "keywords": keyword_query("rare"),
-        "depth": 100,
-        "rrf_k": 60,
-        "keyword_scan": 1000,
-        "common_fraction": 0.2,
-        "limit": 21,
-        "offset": 0,
-    }
+    keyword_sql = keyword_ranking_sql(with_exclude=False, depth=40, keyword_scan=1000)
+    keyword_params = {"keywords": keyword_query("rare"), "common_fraction": 0.2}
+    plan = "\n".join(session.execute(text("EXPLAIN " + keyword_sql), keyword_params).scalars())
+    assert SEARCH_DOCUMENT_INDEX_NAME in plan, plan
+    keyword_ids = list(session.execute(text(keyword_sql), keyword_params).scalars())
+    assert len(keyword_ids) == 40 and set(keyword_ids) <= set(ids[99::100])  # g = 100, 200, ...: "rare word"
+    sql = hybrid_search_sql("cosine", uses_index=True, with_threshold=False, with_exclude=False, limit=21, depth=40)
+    params = {"query": vectors[0], "model_id": model_id, "keyword_ids": keyword_ids, "rrf_k": 60}
+    # As search_vector does: an HNSW scan is only planned for a LIMIT the search can fill.
+    session.execute(text("SELECT set_config('hnsw.ef_search', '100', true)"))
     plan = "\n".join(session.execute(text("EXPLAIN " + sql), params).scalars())
     assert HNSW_INDEX_NAME in plan, plan
     page = search_vector(session, settings, model_id, vectors[0], k=10, keywords=keyword_query("rare"))

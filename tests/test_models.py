@@ -28,6 +28,29 @@ def test_vectors_are_unit_length_float32_and_deterministic(embedder):
     assert embedder.encode_text("a photo of a dog") is text_vector  # cached
 
 
+def test_submit_text_encodes_in_the_background_only_when_the_text_tower_is_free(embedder):
+    """A new query's Future is computed by a worker thread (the caller meanwhile sends its SQL); a
+    cached query, or any while the tower is busy, is already done when submit_text returns."""
+    import threading
+
+    expected = embedder.encode_texts(["a yellow submarine"])[0]
+    embedder._text_cache.clear()
+    future = embedder.submit_text("  a yellow submarine ")
+    assert np.allclose(future.result(timeout=30), expected, atol=1e-6)
+    cached = embedder.submit_text("a yellow submarine")
+    assert cached.done() and cached.result() is future.result()
+
+    embedder._text_cache.clear()
+    results: list = []
+    with embedder._tower_locks["text"]:
+        waiting = threading.Thread(target=lambda: results.append(embedder.submit_text("a red balloon")))
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert waiting.is_alive()  # submit_text itself waits for the tower: nothing queued in the background
+    waiting.join(timeout=30)
+    assert results[0].done() and results[0].result().shape == expected.shape
+
+
 def test_a_text_query_does_not_wait_for_the_image_tower(embedder, monkeypatch):
     """Each tower has its own lock: a text query is not queued behind an image query or an
     indexing batch in the same process. And a query runs on CLIPGALLERY_QUERY_THREADS threads

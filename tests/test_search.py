@@ -144,12 +144,12 @@ def test_the_default_search_uses_the_hnsw_index_on_thousands_of_rows(session, em
     ids = insert_synthetic_images(session, model_id, vectors)
     session.execute(text("ANALYZE images; ANALYZE image_embeddings"))
 
-    sql = search_sql("cosine", uses_index=True, with_threshold=False, with_exclude=False)
-    params = {"query": vectors[0].astype(np.float32), "model_id": model_id, "limit": 21, "offset": 0}
+    sql = search_sql("cosine", uses_index=True, with_threshold=False, with_exclude=False, limit=21)
+    params = {"query": vectors[0].astype(np.float32), "model_id": model_id}
     plan = "\n".join(session.execute(text("EXPLAIN " + sql), params).scalars())
     assert HNSW_INDEX_NAME in plan, plan
 
-    exact_sql = search_sql("cosine", uses_index=False, with_threshold=False, with_exclude=False)
+    exact_sql = search_sql("cosine", uses_index=False, with_threshold=False, with_exclude=False, limit=21)
     exact_plan = "\n".join(session.execute(text("EXPLAIN " + exact_sql), params).scalars())
     assert HNSW_INDEX_NAME not in exact_plan
 
