@@ -58,7 +58,8 @@ def test_vector_column_hnsw_index_and_comments(settings):
             text("SELECT indexdef FROM pg_indexes WHERE indexname = :name"), {"name": HNSW_INDEX_NAME}
         ).scalar_one()
         assert "USING hnsw (embedding vector_cosine_ops)" in index_def
-        assert "m='32'" in index_def and "ef_construction='128'" in index_def
+        assert f"m='{settings.hnsw_m}'" in index_def  # the configured build parameters
+        assert f"ef_construction='{settings.hnsw_ef_construction}'" in index_def
         for table in TABLES:
             comment = conn.execute(text(f"SELECT obj_description('{table}'::regclass, 'pg_class')")).scalar_one()
             assert comment, f"table {table} has no comment"
