@@ -667,11 +667,6 @@ def measure_model_fidelity(settings: Settings, model_dir: Path, files: list[Path
 # --- text tower --------------------------------------------------------------------------------
 
 
-def sharing_embedder(base, **settings_changes):
-    """An embedder that uses `base`'s loaded model under other settings (e.g. query_threads)."""
-    return base.sharing_model(**settings_changes)
-
-
 def text_variant_embedder(fp32_text, precision: str):
     """An embedder on a copy of `fp32_text`'s model (whose text tower is fp32) with the text tower
     in bf16 (CLIPGALLERY_TEXT_PRECISION) or int8 (which CLIPGALLERY_PRECISION=int8 does not do: it
@@ -681,7 +676,7 @@ def text_variant_embedder(fp32_text, precision: str):
     from clipgallery.embedding import quantize_int8, to_bf16
 
     model = copy.deepcopy(fp32_text._model)
-    embedder = sharing_embedder(fp32_text)
+    embedder = fp32_text.sharing_model()
     embedder._model = (
         to_bf16(model, towers=("text",)) if precision == "bf16" else quantize_int8(model, towers=("text",))
     )
@@ -697,7 +692,7 @@ def run_text_tower(fp32_text, n: int) -> dict:
     prompts = text_prompts(n)
     # One query's thread count is CLIPGALLERY_QUERY_THREADS: each variant is an embedder with its own.
     embedders = {
-        (p, t): sharing_embedder(tower, query_threads=t)
+        (p, t): tower.sharing_model(query_threads=t)
         for p, tower in towers.items()
         for t in sorted({1, fp32_text._threads})
     }
@@ -1107,11 +1102,11 @@ def service_queries(server: Server, sdb: SizeDatabase, embedders: dict, files: l
     # key -> (embedder, hybrid)
     variants = {
         "default": (default, None),
-        "fp32_text": (sharing_embedder(embedders["fp32_text"]), None),
+        "fp32_text": (embedders["fp32_text"].sharing_model(), None),
         "fp32": (embedders["fp32"], None),
         "int8": (embedders["int8"], None),
-        "vector_only": (sharing_embedder(default), False),
-        "all_threads": (sharing_embedder(default, query_threads=0), None),
+        "vector_only": (default.sharing_model(), False),
+        "all_threads": (default.sharing_model(query_threads=0), None),
     }
     for e, _ in variants.values():
         e._text_cache.clear()  # every "new" query misses the cache
