@@ -676,19 +676,19 @@ def text_variant_embedder(fp32_text, precision: str):
     from clipgallery.embedding import quantize_int8, to_bf16
 
     model = copy.deepcopy(fp32_text._model)
-    embedder = fp32_text.sharing_model()
-    embedder._model = (
-        to_bf16(model, towers=("text",)) if precision == "bf16" else quantize_int8(model, towers=("text",))
-    )
-    return embedder
+    converted = to_bf16(model, towers=("text",)) if precision == "bf16" else quantize_int8(model, towers=("text",))
+    return fp32_text.text_variant(converted)
 
 
-def run_text_tower(fp32_text, n: int) -> dict:
+def run_text_tower(fp32_text, n: int, shipped: str) -> dict:
     """Text encoding latency (no cache), fp32 / bf16 (where the CPU has it natively) / int8 text
-    tower x 1 / default torch threads, in rotating blocks of queries (`_blocks`)."""
+    tower x 1 / default torch threads, in rotating blocks of queries (`_blocks`); each traced as
+    the settings say (the default), and the `shipped` precision also eager, to show what the trace gains."""
     towers = {"fp32": fp32_text}
     for precision in ("bf16", "int8") if resolve_precision("auto") == "bf16" else ("int8",):
         towers[precision] = text_variant_embedder(fp32_text, precision)
+    if fp32_text.settings.trace_text_tower:
+        towers[f"{shipped} eager"] = towers[shipped].sharing_model(trace_text_tower=False)
     prompts = text_prompts(n)
     # One query's thread count is CLIPGALLERY_QUERY_THREADS: each variant is an embedder with its own.
     embedders = {
@@ -1322,7 +1322,7 @@ def run_bench(options: BenchOptions) -> dict:
 
     if "text" in options.stages:
         say("text tower latency")
-        report["text_tower"] = run_text_tower(fp32_text, options.text_queries)
+        report["text_tower"] = run_text_tower(fp32_text, options.text_queries, report["text_precision"])
 
     report["memory"] = {}
     for precision in ("auto", "fp32", "int8") if options.memory else ():

@@ -95,8 +95,10 @@ class Settings:
     embed_batch_size: int = 32
     precision: str = "auto"  # of the image tower
     text_precision: str = "auto"
-    # Run the image tower as a TorchScript trace (no GIL per operation; embedding.trace_image_tower).
+    # Run the towers as TorchScript traces (no GIL per operation; embedding.trace_image_tower and
+    # trace_text_tower).
     trace_image_tower: bool = True
+    trace_text_tower: bool = True
 
     # Access: sessions end after session_hours; a private gallery needs a login to search.
     session_hours: int = 12
@@ -205,6 +207,7 @@ def load_settings() -> Settings:
         precision=_env("CLIPGALLERY_PRECISION", defaults.precision).lower(),
         text_precision=_env("CLIPGALLERY_TEXT_PRECISION", defaults.text_precision).lower(),
         trace_image_tower=_env_bool("CLIPGALLERY_TRACE_IMAGE_TOWER", defaults.trace_image_tower),
+        trace_text_tower=_env_bool("CLIPGALLERY_TRACE_TEXT_TOWER", defaults.trace_text_tower),
         session_hours=_env_int("CLIPGALLERY_SESSION_HOURS", defaults.session_hours, 1),
         private_gallery=_env_bool("CLIPGALLERY_PRIVATE", defaults.private_gallery),
         index_metric=_env("CLIPGALLERY_INDEX_METRIC", defaults.index_metric).lower(),

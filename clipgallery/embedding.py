@@ -150,6 +150,7 @@ class Embedder:
         self._tower_locks = {"image": threading.Lock(), "text": threading.Lock()}
         self._model = None
         self._image_tower = None  # model.visual, or its TorchScript trace (`trace_image_tower`)
+        self._text_tower = None  # `text_tower(model)`, or its TorchScript trace (`trace_text_tower`)
         self._threads = 1
         self._preprocess = None
         self._tokenizer = None
@@ -255,13 +256,15 @@ class Embedder:
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         self._identity = ModelIdentity(spec.architecture, weights_id, dimension)
+        self._set_text_tower(model)
         self._model = model
         log.info(
-            "CLIP model ready: %s (image tower %s%s, text tower %s, %d torch threads)",
+            "CLIP model ready: %s (image tower %s%s, text tower %s%s, %d torch threads)",
             self._identity,
             image_precision,
             ", traced" if self._image_tower is not model.visual else "",
             text_precision,
+            ", traced" if isinstance(self._text_tower, torch.jit.ScriptModule) else "",
             threads,
         )
 
@@ -270,9 +273,24 @@ class Embedder:
         settings, e.g. `query_threads` (the bench compares such variants side by side)."""
         self.load()
         other = Embedder(self.settings.with_overrides(**settings_changes))
-        other._model, other._image_tower, other._threads = self._model, self._image_tower, self._threads
+        other._model, other._image_tower, other._text_tower = self._model, self._image_tower, self._text_tower
+        other._threads = self._threads
         other._preprocess, other._tokenizer, other._identity = self._preprocess, self._tokenizer, self._identity
+        if other.settings.trace_text_tower != self.settings.trace_text_tower:
+            other._set_text_tower(self._model)
         return other
+
+    def text_variant(self, model) -> Embedder:
+        """Like `sharing_model`, but text goes through `model`'s text tower: a copy of this one's
+        model with its text side converted (another precision), which the bench sets side by side."""
+        other = self.sharing_model()
+        other._set_text_tower(model)
+        other._model = model
+        return other
+
+    def _set_text_tower(self, model) -> None:
+        traced = trace_text_tower(model, self._tokenizer) if self.settings.trace_text_tower else None
+        self._text_tower = traced if traced is not None else text_tower(model)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -372,9 +390,9 @@ class Embedder:
         import torch
 
         self.load()
-        tokens = self._tokenizer(list(texts))
+        tokens = trim_text_padding(self._model, self._tokenizer(list(texts)))
         with self._forward_pass("text", len(tokens)):
-            features = encode_text_to_end_token(self._model, tokens)
+            features = self._text_tower(tokens)
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
 
@@ -434,35 +452,118 @@ def encode_text_to_end_token(model, tokens: torch.Tensor) -> torch.Tensor:
     end-of-text token: dropping the padding gives the same vector (tests prove it) for a
     fraction of the work. Models this does not apply to use their own encode_text.
     """
+    return text_tower(model)(trim_text_padding(model, tokens))
+
+
+def _pools_at_end_token(model) -> bool:
+    """A CLIP text tower whose causal attention and end-of-text pooling make its padding inert."""
+    import open_clip
+
+    return (
+        type(model) is open_clip.CLIP
+        and getattr(model, "text_pool_type", None) == "argmax"
+        and getattr(model, "attn_mask", None) is not None
+    )
+
+
+def trim_text_padding(model, tokens: torch.Tensor) -> torch.Tensor:
+    """`tokens` without the padding columns no text of the batch needs (exact, see
+    `encode_text_to_end_token`); unchanged for a model whose padding is not provably inert."""
+    import open_clip
+
+    if _pools_at_end_token(model):
+        pad = 0  # CLIP's tokenizer pads with token 0
+    else:
+        hf_config = getattr(getattr(model, "text", None), "config", None)
+        pad = getattr(hf_config, "pad_token_id", None)
+        # A Hugging Face tower masks its padding out of attention and pooling: trimming it is exact.
+        if not isinstance(getattr(model, "text", None), open_clip.hf_model.HFTextEncoder) or pad is None:
+            return tokens
+    length = int((tokens != pad).sum(dim=1).max())
+    return tokens[:, : max(length, 1)]
+
+
+def text_tower(model):
+    """The model's text side as one module: token ids (trimmed by `trim_text_padding`) in,
+    unnormalised text features out; it shares the model's weights. `trace_text_tower` traces it."""
     import open_clip
     import torch
 
-    if (
-        type(model) is not open_clip.CLIP
-        or getattr(model, "text_pool_type", None) != "argmax"
-        or getattr(model, "attn_mask", None) is None
-    ):
-        hf_config = getattr(getattr(model, "text", None), "config", None)
-        pad = getattr(hf_config, "pad_token_id", None)
-        if isinstance(getattr(model, "text", None), open_clip.hf_model.HFTextEncoder) and pad is not None:
-            # A Hugging Face tower masks its padding out of attention and pooling: trimming it is exact.
-            length = int((tokens != pad).sum(dim=1).max())
-            tokens = tokens[:, : max(length, 1)]
-        return model.encode_text(tokens)
-    length = int((tokens != 0).sum(dim=1).max())  # padding is token 0 in CLIP's tokenizer
-    tokens = tokens[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[range(x.shape[0]), tokens.argmax(dim=-1)]
-    if model.text_projection is not None:
-        x = (
-            model.text_projection(x)
-            if isinstance(model.text_projection, torch.nn.Linear)
-            else x @ model.text_projection
-        )
-    return x
+    class ClipTextTower(torch.nn.Module):
+        """CLIP's encode_text for a batch of any length up to the context length (the positions and
+        the causal mask are cut to it), pooled at each text's end-of-text token."""
+
+        def __init__(self, model) -> None:
+            super().__init__()
+            self.token_embedding = model.token_embedding
+            self.transformer = model.transformer
+            self.ln_final = model.ln_final
+            self.register_buffer("positional_embedding", model.positional_embedding.data, persistent=False)
+            self.register_buffer("attn_mask", model.attn_mask, persistent=False)
+            projection = model.text_projection
+            self.projection_layer = projection if isinstance(projection, torch.nn.Module) else None
+            self.register_buffer(
+                "projection",
+                None if projection is None or self.projection_layer is not None else projection.data,
+                persistent=False,
+            )
+            self.cast_dtype = model.transformer.get_cast_dtype()
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            length = tokens.shape[1]
+            x = self.token_embedding(tokens).to(self.cast_dtype)
+            x = x + self.positional_embedding[:length].to(self.cast_dtype)
+            x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+            x = self.ln_final(x)
+            x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]  # the end-of-text token has the largest id
+            if self.projection_layer is not None:
+                return self.projection_layer(x)
+            return x if self.projection is None else x @ self.projection
+
+    class ModelTextTower(torch.nn.Module):
+        """Any other model: its own encode_text (open_clip's CustomTextCLIP: its `text` module)."""
+
+        def __init__(self, model) -> None:
+            super().__init__()
+            text = getattr(model, "text", None)
+            self.encoder = text if type(model) is not open_clip.CLIP and isinstance(text, torch.nn.Module) else None
+            self.model = None if self.encoder is not None else model
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.encoder(tokens) if self.encoder is not None else self.model.encode_text(tokens)
+
+    return ClipTextTower(model) if _pools_at_end_token(model) else ModelTextTower(model)
+
+
+def trace_text_tower(model, tokenizer) -> object | None:
+    """`text_tower(model)` as a TorchScript trace, or None when it cannot be traced faithfully.
+
+    As for the image tower (`trace_image_tower`): no GIL per operation, and less Python per query
+    (ViT-B-32 bf16, one query on one core: 10 -> 6.5 ms; a MiniLM LiT tower 5.2 -> 2.7 ms). The
+    sequence length and batch size stay free in the trace: it is checked against the eager tower
+    on texts of other lengths, alone and padded in one batch."""
+    import warnings
+
+    import torch
+
+    def tokens(texts: list[str]) -> torch.Tensor:
+        return trim_text_padding(model, tokenizer(texts))
+
+    tower = text_tower(model)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(tower, tokens(["a photo of a dog"]), strict=False)
+            for texts in (["x"], ["a red dress with long sleeves on a wooden chair"], ["x", "a red dress and a hat"]):
+                example = tokens(texts)
+                same = torch.nn.functional.cosine_similarity(traced(example).float(), tower(example).float(), dim=-1)
+                if float(same.min()) < 0.9999:
+                    log.warning("the traced text tower differs from the eager one (cosine %.5f): not used", same.min())
+                    return None
+    except Exception as exc:  # any model the tracer cannot follow: the eager tower is used
+        log.warning("the text tower could not be traced (%s): running it eagerly", _first_line(exc))
+        return None
+    return traced
 
 
 def _self_attention_module():

@@ -174,13 +174,16 @@ def test_reduced_precision_keeps_resnet_attention_pooling_working(tmp_path, prec
     assert np.min(np.sum(fp32.encode_images(images) * reduced.encode_images(images), axis=1)) >= 0.99
 
 
-def test_an_image_tower_that_cannot_be_traced_runs_eagerly(tiny_model_dir, monkeypatch, caplog):
+def test_towers_that_cannot_be_traced_run_eagerly(tiny_model_dir, monkeypatch, caplog):
     """Tracing is an optimisation: a tower the tracer cannot follow is run eagerly (bf16 with its
     Linear layers packed, as without tracing), with a warning, and gives the same vectors."""
     images = [picture(seed, (120, 90)) for seed in range(3)]
+    texts = ["a dog", "a red dress with long sleeves", ""]
     precision = "bf16" if resolve_precision("auto") == "bf16" else "fp32"
     traced = Embedder(Settings(model_name=str(tiny_model_dir), precision=precision))
     expected = traced.encode_images(images)
+    expected_texts = traced.encode_texts(texts)
+    assert isinstance(traced._text_tower, torch.jit.ScriptModule)
 
     def refuse(*args, **kwargs):
         raise RuntimeError("unsupported input list type")
@@ -189,7 +192,9 @@ def test_an_image_tower_that_cannot_be_traced_runs_eagerly(tiny_model_dir, monke
     eager = Embedder(Settings(model_name=str(tiny_model_dir), precision=precision))
     vectors = eager.encode_images(images)
     assert eager._image_tower is eager._model.visual
-    assert "could not be traced" in caplog.text
+    assert not isinstance(eager._text_tower, torch.jit.ScriptModule)
+    assert "image tower could not be traced" in caplog.text and "text tower could not be traced" in caplog.text
+    assert np.min(np.sum(expected_texts * eager.encode_texts(texts), axis=1)) >= 0.9999
     if precision == "bf16":
         assert not any(type(m) is torch.nn.Linear for m in eager._model.visual.modules())  # packed
     assert np.min(np.sum(expected * vectors, axis=1)) >= 0.9999

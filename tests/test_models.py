@@ -59,17 +59,15 @@ def test_a_text_query_does_not_wait_for_the_image_tower(embedder, monkeypatch):
 
     import torch
 
-    from clipgallery import embedding
-
     embedder.load()
     threads_in_pass = []
-    original = embedding.encode_text_to_end_token
+    original = embedder._text_tower
 
-    def recording(model, tokens):
+    def recording(tokens):
         threads_in_pass.append(torch.get_num_threads())
-        return original(model, tokens)
+        return original(tokens)
 
-    monkeypatch.setattr(embedding, "encode_text_to_end_token", recording)
+    monkeypatch.setattr(embedder, "_text_tower", recording)
     done = threading.Event()
 
     def query() -> None:
@@ -164,11 +162,12 @@ def test_reembed_to_another_dimension_rebuilds_the_column_and_index(settings, se
 
 @pytest.mark.parametrize("architecture", ["tiny", "ViT-B-32"])
 def test_text_tower_stopped_at_the_end_token_gives_the_same_vectors(architecture, tiny_model_dir):
-    """The shortcut in encode_text_to_end_token is exact, not an approximation."""
+    """The shortcut in encode_text_to_end_token is exact, not an approximation; and so is its
+    TorchScript trace (what queries run), at other lengths and batch sizes than it was traced with."""
     import open_clip
     import torch
 
-    from clipgallery.embedding import encode_text_to_end_token
+    from clipgallery.embedding import encode_text_to_end_token, trace_text_tower, trim_text_padding
 
     if architecture == "tiny":
         model = open_clip.create_model(f"local-dir:{tiny_model_dir}")
@@ -184,8 +183,14 @@ def test_text_tower_stopped_at_the_end_token_gives_the_same_vectors(architecture
         full = model.encode_text(tokens)
         short = encode_text_to_end_token(model, tokens)
         one_by_one = torch.cat([encode_text_to_end_token(model, tokenizer([q])) for q in queries])
+        traced = trace_text_tower(model, tokenizer)
+        assert isinstance(traced, torch.jit.ScriptModule)
+        traced_batch = traced(trim_text_padding(model, tokens))
+        traced_one_by_one = torch.cat([traced(trim_text_padding(model, tokenizer([q]))) for q in queries])
     assert torch.allclose(full, short, atol=1e-5, rtol=1e-4)
     assert torch.allclose(full, one_by_one, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(full, traced_batch, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(full, traced_one_by_one, atol=1e-5, rtol=1e-4)
 
 
 def test_an_empty_gallery_adopts_the_models_dimension(settings, session, storage, tmp_path):

@@ -153,6 +153,7 @@ def test_text_tower_is_the_locked_pretrained_minilm(lit_model, tiny_model_dir):
     embedder = Embedder(dataclasses.replace(_settings_for(tiny_model_dir), model_name=str(out)))
     phrases = ["a wristwatch", "red"]
     assert np.allclose(embedder.encode_texts(phrases), _minilm_vectors(phrases), atol=1e-5)
+    assert isinstance(embedder._text_tower, torch.jit.ScriptModule)  # the vectors above are the trace's
     # Queries skip the padding up to the context length (64): exact, the tower masks it anyway.
     tokens = embedder._tokenizer(phrases)
     assert tokens.shape[1] == 64
