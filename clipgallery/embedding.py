@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -162,6 +163,7 @@ class Embedder:
         self._text_cache_lock = threading.Lock()
         # Threads start on first use.
         self._text_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="clipgallery-text")
+        self._pass_executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="clipgallery-pass")
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -339,7 +341,30 @@ class Embedder:
         if len(batch) == 1 and self.settings.query_batch > 1:
             return self._encode_query_image(batch[0])[None, :]
         with self._forward_pass("image", len(batch)):
+            return self._split_image_pass(batch)
+
+    def _split_image_pass(self, batch: torch.Tensor) -> np.ndarray:
+        """A batch split over the torch threads: one single-threaded pass per part, side by side.
+
+        One pass on N threads meets at a barrier after each of its few hundred operations, and
+        waits there whenever any of its threads is off its core, as happens beside indexing's own
+        decoding, thumbnails and database writes. ViT-B-32 bf16, batch 32, 2 cores: one 2-thread
+        pass 133-139 images/s, two 1-thread passes 160-163; beside two threads making thumbnails
+        73 against 106-109. Side-by-side passes meet once per batch."""
+        import torch
+
+        parts = min(self._threads, len(batch))
+        if parts <= 1:
             return self._image_pass(batch)
+
+        def part_pass(part: torch.Tensor) -> np.ndarray:
+            with torch.inference_mode(), torch_threads(1):
+                return self._image_pass(part)
+
+        first, *others = torch.tensor_split(batch, parts)
+        futures = [self._pass_executor.submit(part_pass, part) for part in others]
+        vectors = [part_pass(first)]  # this thread takes a part too
+        return np.concatenate([*vectors, *(f.result() for f in futures)])
 
     def _image_pass(self, batch: torch.Tensor) -> np.ndarray:
         import torch
@@ -834,8 +859,6 @@ def _create_with_package_text_tower(model_dir: Path, config: dict, weights: Path
     """A model directory written by `clipgallery train --mode lit`: its weights file holds the trained
     parts only; the locked text tower is loaded from the installed package the config names (never a
     path of the machine that trained it), after checking it is the exact tower the model was trained with."""
-    import os
-
     import open_clip
     from safetensors.torch import load_file
 
