@@ -503,7 +503,7 @@ def component_costs(embedders: dict, files: list[Path], settings: Settings, batc
     model; file writes, with fsync, and the database run after it, on the main thread)."""
     import torch
 
-    from clipgallery.imaging import decode_image, make_thumbnail
+    from clipgallery.imaging import THUMBNAIL_ENCODINGS, decode_image, make_thumbnail
     from clipgallery.storage import Storage
 
     sample = files[: min(len(files), 2 * batch)]
@@ -520,7 +520,13 @@ def component_costs(embedders: dict, files: list[Path], settings: Settings, batc
         "validate + decode + SHA-256",
         lambda: [decode_image(d, settings.max_upload_bytes, settings.max_image_pixels) for d in datas],
     )
-    thumbs = timed("thumbnail (WebP)", lambda: [make_thumbnail(d.rgb, settings.thumbnail_size) for d in decoded])
+    thumbs = {
+        kind: timed(
+            f"thumbnail ({kind}{', shipped' if kind == settings.thumbnail_format else ''})",
+            lambda kind=kind: [make_thumbnail(d.rgb, settings.thumbnail_size, kind) for d in decoded],
+        )
+        for kind in THUMBNAIL_ENCODINGS
+    }[settings.thumbnail_format]
     pixels = timed(
         "preprocess (resize, crop, normalise)",
         lambda: torch.stack([embedders["fp32"].preprocess(d.rgb) for d in decoded]),
@@ -531,7 +537,7 @@ def component_costs(embedders: dict, files: list[Path], settings: Settings, batc
         timed(
             "write original + thumbnail (atomic, fsync)",
             lambda: [
-                (storage.write(f"o/{i}.jpg", d.served_bytes), storage.write(f"t/{i}.webp", t))
+                (storage.write(f"o/{i}.jpg", d.served_bytes), storage.write(f"t/{i}.thumb", t))
                 for i, (d, t) in enumerate(zip(decoded, thumbs, strict=True))
             ],
         )

@@ -54,6 +54,7 @@ class PreparedImage:
     description: str
     decoded: DecodedImage
     thumbnail: bytes
+    thumbnail_format: str
     pixels: torch.Tensor | None = None  # the model's input, when prepared ahead of the model
     vector: np.ndarray | None = None  # the model's output, when embedded ahead of storing
     extra: dict = field(default_factory=dict)  # caller's bookkeeping (e.g. the source path)
@@ -92,7 +93,8 @@ def prepare_image(
         name=((name or "").strip() or default_name(safe_filename))[:MAX_NAME],
         description=(description or "").strip()[:MAX_DESCRIPTION],
         decoded=decoded,
-        thumbnail=make_thumbnail(decoded.rgb, settings.thumbnail_size),
+        thumbnail=make_thumbnail(decoded.rgb, settings.thumbnail_size, settings.thumbnail_format),
+        thumbnail_format=settings.thumbnail_format,
     )
     if embedder is not None:
         prepared.pixels = embedder.preprocess(decoded.rgb)
@@ -157,7 +159,7 @@ def store_prepared(
             for prepared in new:
                 decoded = prepared.decoded
                 stored = files.original_relpath(decoded.sha256, decoded.mime_type)
-                thumb = files.thumbnail_relpath(decoded.sha256)
+                thumb = files.thumbnail_relpath(decoded.sha256, prepared.thumbnail_format)
                 if storage.write(stored, decoded.served_bytes):
                     written.append(stored)
                 if storage.write(thumb, prepared.thumbnail):

@@ -2,7 +2,7 @@
 
 Layout (relative to `settings.upload_dir`):
     originals/ab/cd/<sha256>.<ext>     the served original (EXIF orientation applied, GPS removed)
-    thumbs/ab/cd/<sha256>.webp         grid thumbnail
+    thumbs/ab/cd/<sha256>.jpg|.webp    grid thumbnail (CLIPGALLERY_THUMBNAIL_FORMAT)
 Names come from the content hash only, never from a client.
 """
 
@@ -27,8 +27,11 @@ def original_relpath(sha256: str, mime_type: str) -> str:
     return str(Path(ORIGINALS) / _shard(sha256) / f"{sha256}.{EXTENSIONS[mime_type]}")
 
 
-def thumbnail_relpath(sha256: str) -> str:
-    return str(Path(THUMBS) / _shard(sha256) / f"{sha256}.webp")
+THUMBNAIL_EXTENSIONS = {"jpeg": "jpg", "webp": "webp"}
+
+
+def thumbnail_relpath(sha256: str, thumbnail_format: str) -> str:
+    return str(Path(THUMBS) / _shard(sha256) / f"{sha256}.{THUMBNAIL_EXTENSIONS[thumbnail_format]}")
 
 
 class Storage:

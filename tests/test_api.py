@@ -92,7 +92,7 @@ def test_image_details_similar_and_files(client, seeded):
     download = client.get(details["original_url"], params={"download": 1})
     assert 'attachment; filename="api0.jpg"' in download.headers["content-disposition"]
     thumb = client.get(details["thumbnail_url"])
-    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
 
 
 @pytest.mark.parametrize(

@@ -65,8 +65,25 @@ def test_image_is_stored_with_metadata_thumbnail_and_vector(session, embedder, s
     assert record.stored_path == f"originals/{record.sha256[:2]}/{record.sha256[2:4]}/{record.sha256}.jpg"
     assert storage.path(record.stored_path).read_bytes() == data
     with Image.open(storage.path(record.thumbnail_path)) as thumb:
-        assert thumb.format == "WEBP" and max(thumb.size) == 64
+        assert thumb.format == "JPEG" and max(thumb.size) == 64
+    assert record.thumbnail_path == f"thumbs/{record.sha256[:2]}/{record.sha256[2:4]}/{record.sha256}.jpg"
     assert files_on_disk(storage) == {record.stored_path, record.thumbnail_path}
+
+
+def test_thumbnails_can_be_webp(session, embedder, storage, monkeypatch):
+    """CLIPGALLERY_THUMBNAIL_FORMAT=webp; anything else but jpeg is refused with the setting's name."""
+    from clipgallery.config import ConfigError, load_settings
+
+    webp = embedder.sharing_model(thumbnail_format="webp")
+    record = get_image(session, ingest_image(session, webp, storage, jpeg(13, (160, 120)), "w.jpg").image_id)
+    assert record.thumbnail_path.endswith(f"{record.sha256}.webp")
+    with Image.open(storage.path(record.thumbnail_path)) as thumb:
+        assert thumb.format == "WEBP" and max(thumb.size) == 64
+    monkeypatch.setenv("CLIPGALLERY_THUMBNAIL_FORMAT", "WebP")
+    assert load_settings().thumbnail_format == "webp"
+    monkeypatch.setenv("CLIPGALLERY_THUMBNAIL_FORMAT", "avif")
+    with pytest.raises(ConfigError, match="CLIPGALLERY_THUMBNAIL_FORMAT"):
+        load_settings()
 
 
 def test_same_bytes_twice_returns_the_existing_image(session, embedder, storage):
