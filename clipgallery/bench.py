@@ -96,9 +96,10 @@ class BenchOptions:
     architecture: str = "ViT-B-32"
     batch_size: int = 32
     # Images per ingest round: every pipeline does each round, so small rounds interleave them
-    # finely (a busy machine hits them alike); each bulk-index round starts with one batch whose
-    # decoding the model cannot hide, which costs the bulk path ~2 % at 2 batches per round.
-    round_size: int = 64
+    # finely (a busy machine hits them alike). But each bulk-index round is one `index_folder` run,
+    # which starts with a batch whose decoding the model cannot hide and ends with one whose storing
+    # it cannot hide: at 64 images (2 batches) that was a quarter of the round. 256 = 8 batches.
+    round_size: int = 256
     ef_values: tuple[int, ...] = DEFAULT_EF_VALUES
     queries: int = 200  # held-out mixture queries for recall
     text_queries: int = 40
