@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 TEXT_CACHE_SIZE = 4096
+MIN_IMAGES_PER_PART = 8  # of a batch split over the cores (`Embedder._split_image_pass`)
 
 
 class ModelUnavailableError(RuntimeError):
@@ -350,15 +351,19 @@ class Embedder:
         waits there whenever any of its threads is off its core, as happens beside indexing's own
         decoding, thumbnails and database writes. ViT-B-32 bf16, batch 32, 2 cores: one 2-thread
         pass 133-139 images/s, two 1-thread passes 160-163; beside two threads making thumbnails
-        73 against 106-109. Side-by-side passes meet once per batch."""
+        73 against 106-109. Side-by-side passes meet once per batch.
+
+        Each pass reads all the weights, so a part keeps at least MIN_IMAGES_PER_PART images (a
+        heuristic for machines with many cores, where parts then get several threads each)."""
         import torch
 
-        parts = min(self._threads, len(batch))
-        if parts <= 1:
+        parts = max(1, min(self._threads, len(batch) // MIN_IMAGES_PER_PART))
+        if parts == 1:
             return self._image_pass(batch)
+        threads_per_part = self._threads // parts
 
         def part_pass(part: torch.Tensor) -> np.ndarray:
-            with torch.inference_mode(), torch_threads(1):
+            with torch.inference_mode(), torch_threads(threads_per_part):
                 return self._image_pass(part)
 
         first, *others = torch.tensor_split(batch, parts)
@@ -567,26 +572,35 @@ def trace_text_tower(model, tokenizer) -> object | None:
     (ViT-B-32 bf16, one query on one core: 10 -> 6.5 ms; a MiniLM LiT tower 5.2 -> 2.7 ms). The
     sequence length and batch size stay free in the trace: it is checked against the eager tower
     on texts of other lengths, alone and padded in one batch."""
-    import warnings
-
-    import torch
 
     def tokens(texts: list[str]) -> torch.Tensor:
         return trim_text_padding(model, tokenizer(texts))
 
-    tower = text_tower(model)
+    checks = (["x"], ["a red dress with long sleeves on a wooden chair"], ["x", "a red dress and a hat"])
+    return _checked_trace("text", text_tower(model), tokens(["a photo of a dog"]), [tokens(t) for t in checks])
+
+
+def _checked_trace(tower_name: str, tower, example, checks: list) -> object | None:
+    """`tower` traced on `example`, then run traced and eagerly on each of `checks` (inputs of
+    other shapes, so a shape baked into the trace is caught); None, with a warning, when the
+    tracer cannot follow the tower or the two disagree (cosine below 0.9999)."""
+    import warnings
+
+    import torch
+
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(tower, tokens(["a photo of a dog"]), strict=False)
-            for texts in (["x"], ["a red dress with long sleeves on a wooden chair"], ["x", "a red dress and a hat"]):
-                example = tokens(texts)
-                same = torch.nn.functional.cosine_similarity(traced(example).float(), tower(example).float(), dim=-1)
+            traced = torch.jit.trace(tower, example, strict=False)
+            for inputs in checks:
+                same = torch.nn.functional.cosine_similarity(traced(inputs).float(), tower(inputs).float(), dim=-1)
                 if float(same.min()) < 0.9999:
-                    log.warning("the traced text tower differs from the eager one (cosine %.5f): not used", same.min())
+                    log.warning(
+                        "the traced %s tower differs from the eager one (cosine %.5f): not used", tower_name, same.min()
+                    )
                     return None
     except Exception as exc:  # any model the tracer cannot follow: the eager tower is used
-        log.warning("the text tower could not be traced (%s): running it eagerly", _first_line(exc))
+        log.warning("the %s tower could not be traced (%s): running it eagerly", tower_name, _first_line(exc))
         return None
     return traced
 
@@ -803,28 +817,17 @@ def trace_image_tower(visual) -> object | None:
     sharing the cores). The trace is checked against the eager tower at two batch sizes, so a shape
     baked into it is caught. (torch.jit is deprecated in favour of torch.export/compile, which
     need a compiler toolchain at run time; the eager tower stays the fallback.)"""
-    import warnings
-
     import torch
 
     size = getattr(visual, "image_size", 224)
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     dtype = next(visual.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
-    try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(visual, torch.randn(2, 3, height, width, generator=generator).to(dtype))
-            for batch in (1, 3):
-                pixels = torch.randn(batch, 3, height, width, generator=generator).to(dtype)
-                same = torch.nn.functional.cosine_similarity(traced(pixels).float(), visual(pixels).float(), dim=-1)
-                if float(same.min()) < 0.9999:
-                    log.warning("the traced image tower differs from the eager one (cosine %.5f): not used", same.min())
-                    return None
-    except Exception as exc:  # any model the tracer cannot follow: the eager tower is used
-        log.warning("the image tower could not be traced (%s): running it eagerly", _first_line(exc))
-        return None
-    return traced
+
+    def pixels(batch: int) -> torch.Tensor:
+        return torch.randn(batch, 3, height, width, generator=generator).to(dtype)
+
+    return _checked_trace("image", visual, pixels(2), [pixels(1), pixels(3)])
 
 
 def _release_freed_memory() -> None:

@@ -51,6 +51,31 @@ def test_submit_text_encodes_in_the_background_only_when_the_text_tower_is_free(
     assert results[0].done() and results[0].result().shape == expected.shape
 
 
+def test_an_image_batch_runs_as_one_single_threaded_pass_per_core(settings, monkeypatch):
+    """With 2 torch threads a batch of 16 runs as two 1-thread passes of 8 side by side (no barrier
+    after every operation), and gives the vectors one pass over the whole batch gives."""
+    import torch
+
+    embedder = Embedder(settings.with_overrides(torch_threads=2))
+    pixels = torch.stack([embedder.preprocess(picture(seed)) for seed in range(16)])
+    one_pass = embedder._image_pass
+    passes = []
+
+    def recording(batch):
+        passes.append((len(batch), torch.get_num_threads()))
+        return one_pass(batch)
+
+    monkeypatch.setattr(embedder, "_image_pass", recording)
+    split = embedder.encode_preprocessed(pixels)
+    assert passes == [(8, 1), (8, 1)]
+    with torch.inference_mode():
+        whole = one_pass(pixels)
+    assert split.shape == whole.shape and np.min(np.sum(split * whole, axis=1)) >= 0.9999
+    passes.clear()
+    embedder.encode_preprocessed(pixels[:12])  # too few images for two parts of 8
+    assert passes == [(12, 2)]
+
+
 def test_a_text_query_does_not_wait_for_the_image_tower(embedder, monkeypatch):
     """Each tower has its own lock: a text query is not queued behind an image query or an
     indexing batch in the same process. And a query runs on CLIPGALLERY_QUERY_THREADS threads
