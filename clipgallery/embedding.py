@@ -17,7 +17,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,8 +368,11 @@ class Embedder:
 
         first, *others = torch.tensor_split(batch, parts)
         futures = [self._pass_executor.submit(part_pass, part) for part in others]
-        vectors = [part_pass(first)]  # this thread takes a part too
-        return np.concatenate([*vectors, *(f.result() for f in futures)])
+        try:
+            first_vectors = part_pass(first)  # this thread takes a part too
+        finally:
+            wait(futures)  # no part outlives the tower lock, even when one fails
+        return np.concatenate([first_vectors, *(f.result() for f in futures)])
 
     def _image_pass(self, batch: torch.Tensor) -> np.ndarray:
         import torch
