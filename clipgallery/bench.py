@@ -432,8 +432,10 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
             return run
 
         def chroma_pipeline(chunk, start_id):
-            # The seed's shape: a plain loop, open -> preprocess -> encode -> add, nothing overlapped.
-            model, preprocess = fp32._model, fp32._preprocess
+            # The seed's shape: a plain loop, open -> preprocess -> encode -> add, nothing overlapped,
+            # with open_clip's own transform (not clipgallery's faster form of it).
+            model = fp32._model
+            preprocess = getattr(fp32._preprocess, "unfused", fp32._preprocess)
 
             def run():
                 for i in range(0, len(chunk), batch):

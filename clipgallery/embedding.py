@@ -256,7 +256,7 @@ class Embedder:
         if text_precision == "bf16":
             model = to_bf16(model, towers=("text",))
         dimension = int(getattr(model, "embed_dim", 0) or spec.dimension)
-        self._preprocess = preprocess
+        self._preprocess = fused_tensor_conversion(preprocess)
         self._tokenizer = tokenizer
         self._identity = ModelIdentity(spec.architecture, weights_id, dimension)
         self._set_text_tower(model)
@@ -645,6 +645,39 @@ def _self_attention_module():
     return LinearSelfAttention
 
 
+def fused_tensor_conversion(preprocess):
+    """`preprocess` (a torchvision Compose ending in ToTensor, Normalize, as open_clip builds
+    them) with those two steps done as one: the 8-bit RGB pixels become the normalised floats in
+    one multiply-add, instead of a division by 255 and then a normalisation, each over a fresh
+    tensor. 0.84 -> 0.40 ms per 224-px image on one core; values within 1e-6 of torchvision's.
+    Anything else (another pipeline, an image that is not 8-bit RGB by then) runs unchanged."""
+    import torch
+    from PIL import Image as PILImage
+    from torchvision import transforms
+
+    steps = list(getattr(preprocess, "transforms", ()))
+    if (
+        len(steps) < 2
+        or type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor")
+        or not isinstance(steps[-1], transforms.Normalize)
+    ):
+        return preprocess
+    head, tail = transforms.Compose(steps[:-2]), transforms.Compose(steps[-2:])
+    mean = torch.tensor(steps[-1].mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(steps[-1].std, dtype=torch.float32).view(-1, 1, 1)
+    scale, shift = 1.0 / (255.0 * std), -mean / std
+
+    def run(image):
+        image = head(image)
+        if not isinstance(image, PILImage.Image) or image.mode != "RGB" or len(mean) != 3:
+            return tail(image)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
+        return pixels.mul_(scale).add_(shift)
+
+    run.unfused = preprocess  # what open_clip gave (the bench's seed-style pipeline runs it)
+    return run
+
+
 def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
     """Dynamic int8 quantisation of every Linear layer (weights int8, activations quantised per
     batch at run time; VNNI/AMX kernels on x86). Self-attention projections are first turned into
@@ -724,17 +757,30 @@ _PACKED_LINEAR_SOURCE = """
 def packed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     no_scalars = torch.jit.annotate(List[Optional[number]], [])
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", no_scalars, "")
+
+def packed_linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    no_scalars = torch.jit.annotate(List[Optional[number]], [])
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", no_scalars, approximate)
+
+def packed_linear_add(x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, residual, weight, bias, "add")
 """
 
 
-def _packed_bf16_linear():
+def _packed_linear_functions():
     import warnings
 
     import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-        packed_linear = torch.jit.CompilationUnit(_PACKED_LINEAR_SOURCE).packed_linear
+        return torch.jit.CompilationUnit(_PACKED_LINEAR_SOURCE)
+
+
+def _packed_bf16_linear():
+    import torch
+
+    packed_linear = _packed_linear_functions().packed_linear
 
     class PackedBf16Linear(torch.nn.Module):
         """An inference-only nn.Linear with bf16 weights pre-packed in oneDNN's blocked layout.
@@ -761,6 +807,78 @@ def _packed_bf16_linear():
             return packed_linear(flat, self.packed_weight, self.bias).reshape(*shape[:-1], self.out_features)
 
     return PackedBf16Linear
+
+
+def _fuse_bf16_blocks(side, attention, packed_linear) -> None:
+    """Each plain transformer block of a packed bf16 tower (`to_bf16`) replaced by one whose GELU
+    and residual additions are done by oneDNN inside the Linear layers before them (post-ops),
+    saving a pass over the activations each: ViT-B-32 image batch, one core, 13.0 -> 12.2 ms per
+    image. Blocks of any other shape (layer scale, cross-attention, extra norms) stay as they are."""
+    import open_clip
+    import torch
+
+    fused_block = _fused_bf16_block()
+    for module in list(side.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, open_clip.transformer.ResidualAttentionBlock):
+                continue
+            mlp = dict(child.mlp.named_children()) if isinstance(child.mlp, torch.nn.Sequential) else {}
+            if (
+                not hasattr(child, "ln_1_kv")
+                and isinstance(child.attn, attention)
+                and child.attn.batch_first
+                and all(isinstance(getattr(child.attn, layer), packed_linear) for layer in ("qkv", "out_proj"))
+                and all(type(getattr(child, scale)) is torch.nn.Identity for scale in ("ls_1", "ls_2"))
+                and list(mlp) == ["c_fc", "gelu", "c_proj"]
+                and isinstance(mlp["c_fc"], packed_linear)
+                and isinstance(mlp["c_proj"], packed_linear)
+            ):
+                setattr(module, name, fused_block(child))
+
+
+def _fused_bf16_block():
+    import torch
+
+    functions = _packed_linear_functions()
+    linear_gelu, linear_add = functions.packed_linear_gelu, functions.packed_linear_add
+
+    class FusedBf16Block(torch.nn.Module):
+        """open_clip's ResidualAttentionBlock (no layer scale, self-attention, batch first) with
+        packed bf16 layers, computing x + attn(ln_1(x)), then x + mlp(ln_2(x)), with the
+        additions and an exact or tanh GELU fused into the Linear layers (one rounding to bf16
+        instead of two, so the result is if anything closer to fp32)."""
+
+        def __init__(self, block) -> None:
+            super().__init__()
+            # The block's own modules, under their own names: open_clip asks resblocks[0].mlp.c_fc
+            # for the dtype to cast to, and state dicts keep their keys.
+            self.ln_1, self.attn, self.ln_2, self.mlp = block.ln_1, block.attn, block.ln_2, block.mlp
+            activation = block.mlp.gelu
+            self.gelu_approximate = activation.approximate if type(activation) is torch.nn.GELU else None
+
+        def get_weight_dtype(self) -> torch.dtype:
+            return self.mlp.c_fc.weight.dtype
+
+        def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
+            attn, mlp = self.attn, self.mlp
+            batch, length, dim = q_x.shape
+            residual = q_x.reshape(-1, dim).to(torch.bfloat16)
+            qkv = attn.qkv(self.ln_1(q_x)).view(batch, length, 3, attn.num_heads, dim // attn.num_heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            if attn_mask is not None and attn_mask.dtype != torch.bool:
+                attn_mask = attn_mask.to(q.dtype)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            out = out.transpose(1, 2).reshape(-1, dim)
+            x = linear_add(out, residual, attn.out_proj.packed_weight, attn.out_proj.bias)
+            hidden = self.ln_2(x)
+            if self.gelu_approximate is None:
+                hidden = mlp.gelu(mlp.c_fc(hidden))
+            else:
+                hidden = linear_gelu(hidden, mlp.c_fc.packed_weight, mlp.c_fc.bias, self.gelu_approximate)
+            x = linear_add(hidden, x, mlp.c_proj.packed_weight, mlp.c_proj.bias)
+            return x.view(batch, length, dim)
+
+    return FusedBf16Block
 
 
 def to_bf16(model, towers: tuple[str, ...] = ("image", "text")):
@@ -800,6 +918,7 @@ def to_bf16(model, towers: tuple[str, ...] = ("image", "text")):
             for name, child in list(module.named_children()):
                 if type(child) is torch.nn.Linear and id(child) not in weight_readers:
                     setattr(module, name, packed_linear(child))
+        _fuse_bf16_blocks(side, attention, packed_linear)
     if "text" in towers:
         # CLIP keeps text-side tensors on the model itself (embeddings, projection), not in a module.
         for name in ("positional_embedding", "text_projection"):

@@ -12,6 +12,7 @@ from clipgallery.embedding import (
     Embedder,
     _self_attention_module,
     encode_text_to_end_token,
+    fused_tensor_conversion,
     quantize_int8,
     resolve_precision,
     to_bf16,
@@ -103,6 +104,10 @@ def _no_float_linear_left(modules) -> bool:
     )
 
 
+def _fused_blocks(modules) -> int:
+    return sum(type(m).__name__ == "FusedBf16Block" for m in modules)
+
+
 @needs_native_bf16
 def test_bf16_towers_stay_close_to_fp32_each_on_its_own(tiny_model_dir):
     def embedder(image: str, text: str) -> Embedder:
@@ -128,6 +133,9 @@ def test_bf16_towers_stay_close_to_fp32_each_on_its_own(tiny_model_dir):
     assert _no_float_linear_left(m for name, m in model.named_modules() if not name.startswith("visual"))
     assert next(model.visual.parameters()).dtype == torch.float32
     assert _no_float_linear_left(image_bf16._model.visual.modules())
+    # Both towers' blocks run with GELU and residual additions fused into their Linear layers.
+    assert _fused_blocks(model.transformer.modules()) == len(model.transformer.resblocks)
+    assert _fused_blocks(image_bf16._model.visual.modules()) == len(image_bf16._model.visual.transformer.resblocks)
     assert isinstance(image_bf16._image_tower, torch.jit.ScriptModule)  # traced: no GIL per operation
     # Same model identity: precision is not a model change (no re-embed needed).
     assert fp32.identity == text_bf16.identity == image_bf16.identity
@@ -146,6 +154,7 @@ def test_bf16_vit_b_32_keeps_its_vectors():
         text_reference = torch.nn.functional.normalize(encode_text_to_end_token(model, tokens), dim=-1)
         image_reference = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
         to_bf16(model)
+        assert _fused_blocks(model.modules()) == 24  # 12 blocks per tower
         text = torch.nn.functional.normalize(encode_text_to_end_token(model, tokens).float(), dim=-1)
         text_full = torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
         image = torch.nn.functional.normalize(model.encode_image(pixels.bfloat16()).float(), dim=-1)
@@ -198,3 +207,24 @@ def test_towers_that_cannot_be_traced_run_eagerly(tiny_model_dir, monkeypatch, c
     if precision == "bf16":
         assert not any(type(m) is torch.nn.Linear for m in eager._model.visual.modules())  # packed
     assert np.min(np.sum(expected * vectors, axis=1)) >= 0.9999
+
+
+def test_fused_tensor_conversion_gives_torchvisions_values():
+    """Preprocessing's ToTensor + Normalize done as one multiply-add: the same tensors for
+    images of any size and mode (grey and RGBA are converted to RGB before it), and pipelines of
+    any other shape are left as they are."""
+    import open_clip
+    from PIL import Image
+    from torchvision import transforms
+
+    preprocess = open_clip.image_transform(224, is_train=False)
+    fused = fused_tensor_conversion(preprocess)
+    assert fused is not preprocess and fused.unfused is preprocess
+    rng = np.random.default_rng(0)
+    for (width, height), mode in [((300, 200), "RGB"), ((224, 224), "RGB"), ((100, 400), "L"), ((50, 60), "RGBA")]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+        expected, got = preprocess(image), fused(image)
+        assert got.shape == expected.shape == (3, 224, 224) and got.dtype == torch.float32
+        assert float((got - expected).abs().max()) < 1e-5
+    other = transforms.Compose([transforms.Resize(8), transforms.PILToTensor()])
+    assert fused_tensor_conversion(other) is other
