@@ -13,6 +13,7 @@ import logging
 import os
 import string
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -149,20 +150,22 @@ def _known_files(session: Session, root: Path) -> dict[str, tuple[int, int, int]
 
 
 def _record_files(session: Session, outcomes: list[IngestOutcome], batch: list[PreparedImage]) -> None:
-    for outcome, prepared in zip(outcomes, batch, strict=True):
-        session.execute(
-            text(
-                "INSERT INTO indexed_files (path, size, mtime_ns, image_id) VALUES (:path, :size, :mtime, :image) "
-                "ON CONFLICT (path) DO UPDATE SET size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns, "
-                "image_id = EXCLUDED.image_id, indexed_at = now()"
-            ),
+    session.execute(
+        text(
+            "INSERT INTO indexed_files (path, size, mtime_ns, image_id) VALUES (:path, :size, :mtime, :image) "
+            "ON CONFLICT (path) DO UPDATE SET size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns, "
+            "image_id = EXCLUDED.image_id, indexed_at = now()"
+        ),
+        [
             {
                 "path": prepared.extra["path"],
                 "size": prepared.extra["size"],
                 "mtime": prepared.extra["mtime_ns"],
                 "image": outcome.image_id,
-            },
-        )
+            }
+            for outcome, prepared in zip(outcomes, batch, strict=True)
+        ],
+    )
 
 
 def _remove_unreferenced_images(session: Session, storage: Storage, image_ids: set[int]) -> int:
@@ -194,11 +197,24 @@ def _read_and_prepare(path: Path, stat: os.stat_result, embedder: Embedder, meta
     return prepared
 
 
-def _embed_ahead(embedder: Embedder, batch: list[PreparedImage]) -> list[PreparedImage]:
-    """A prepared batch with its vectors, computed while the previous batch is being stored."""
-    if batch:
-        embed_prepared(embedder, batch)
-    return batch
+def _embed_ahead(
+    embedder: Embedder, submitted: list[tuple[str, Future]]
+) -> tuple[list[PreparedImage], list[tuple[str, str]]]:
+    """A batch being prepared by the pool, with its vectors once it is ready, and the files it
+    rejected. Runs on the model thread, so the model goes on to the next batch without waiting
+    for the current one to be stored."""
+    prepared_batch: list[PreparedImage] = []
+    rejected: list[tuple[str, str]] = []
+    for path, future in submitted:
+        try:
+            prepared_batch.append(future.result())
+        except RejectedImage as exc:
+            rejected.append((path, str(exc)))
+        except OSError as exc:
+            rejected.append((path, f"cannot read: {exc.strerror or exc}"))
+    if prepared_batch:
+        embed_prepared(embedder, prepared_batch)
+    return prepared_batch, rejected
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -256,52 +272,52 @@ def index_folder(
     bar = tqdm(total=len(work), unit="img", desc="indexing", disable=not progress or not work, dynamic_ncols=True)
     # Three stages overlap: threads decode the batch after next, one thread runs the model on the
     # next batch, and this thread stores the current one (files, then one transaction) — storing
-    # took a third of the time when it waited for the model (docs/benchmarks.md).
+    # took a third of the time when it waited for the model (docs/benchmarks.md). The model
+    # thread takes each batch from the pool itself: when it had to wait for this thread to hand
+    # it over, it sat idle whenever storing a batch took longer than embedding the next.
     with (
         ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 2))) as pool,
         ThreadPoolExecutor(max_workers=1) as model_thread,
     ):
-
-        def submit(batch: list[tuple[Path, os.stat_result]]) -> list[tuple[str, Future]]:
-            return [(str(p), pool.submit(_read_and_prepare, p, st, embedder, mapping, root)) for p, st in batch]
-
-        def collect(submitted: list[tuple[str, Future]]) -> Future:
-            prepared_batch: list[PreparedImage] = []
-            for path, future in submitted:
-                try:
-                    prepared_batch.append(future.result())
-                except RejectedImage as exc:
-                    summary.rejected.append((path, str(exc)))
-                except OSError as exc:
-                    summary.rejected.append((path, f"cannot read: {exc.strerror or exc}"))
-            return model_thread.submit(_embed_ahead, embedder, prepared_batch)
-
         batches = list(_batches(work, batch_size))
-        pending = submit(batches[0]) if batches else []
-        embedding = collect(pending) if batches else None
-        pending = submit(batches[1]) if len(batches) > 1 else []
-        for index in range(len(batches)):
-            assert embedding is not None
-            prepared_batch = embedding.result()
-            if index + 1 < len(batches):
-                embedding = collect(pending)  # the model starts on the next batch now
-                pending = submit(batches[index + 2]) if index + 2 < len(batches) else []
-            if prepared_batch:
-                outcomes = store_prepared(session, embedder, storage, prepared_batch, before_commit=_record_files)
-                for outcome, prepared in zip(outcomes, prepared_batch, strict=True):
-                    previous = known.get(prepared.extra["path"])
-                    if previous and previous[2] != outcome.image_id:
-                        replaced_images.add(previous[2])
-                    if outcome.status == "duplicate":
-                        summary.reused += 1
-                    elif previous:
-                        summary.updated += 1
-                    else:
-                        summary.indexed += 1
-            bar.update(len(batches[index]))
-            bar.set_postfix(new=summary.indexed, updated=summary.updated, rejected=len(summary.rejected))
-            if on_progress is not None:
-                on_progress(min(len(work), (index + 1) * batch_size), len(work), summary)
+        embedding: deque[Future] = deque()
+
+        def start(index: int) -> None:
+            if index < len(batches):
+                submitted = [
+                    (str(p), pool.submit(_read_and_prepare, p, st, embedder, mapping, root)) for p, st in batches[index]
+                ]
+                embedding.append(model_thread.submit(_embed_ahead, embedder, submitted))
+
+        start(0)
+        start(1)
+        try:
+            for index in range(len(batches)):
+                prepared_batch, rejected = embedding.popleft().result()
+                start(index + 2)
+                summary.rejected.extend(rejected)
+                if prepared_batch:
+                    outcomes = store_prepared(session, embedder, storage, prepared_batch, before_commit=_record_files)
+                    for outcome, prepared in zip(outcomes, prepared_batch, strict=True):
+                        previous = known.get(prepared.extra["path"])
+                        if previous and previous[2] != outcome.image_id:
+                            replaced_images.add(previous[2])
+                        if outcome.status == "duplicate":
+                            summary.reused += 1
+                        elif previous:
+                            summary.updated += 1
+                        else:
+                            summary.indexed += 1
+                bar.update(len(batches[index]))
+                bar.set_postfix(new=summary.indexed, updated=summary.updated, rejected=len(summary.rejected))
+                if on_progress is not None:
+                    on_progress(min(len(work), (index + 1) * batch_size), len(work), summary)
+        except BaseException:
+            # Stop at once: drop the batches queued for preparing and embedding (their files
+            # are only read; nothing of theirs is stored yet).
+            pool.shutdown(wait=False, cancel_futures=True)
+            model_thread.shutdown(wait=False, cancel_futures=True)
+            raise
     bar.close()
 
     if replaced_images:

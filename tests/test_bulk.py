@@ -171,3 +171,36 @@ def test_progress_is_reported_per_batch(tmp_path, session, embedder, storage):
         on_progress=lambda done, total, summary: seen.append((done, total, summary.indexed)),
     )
     assert seen == [(4, 10, 4), (8, 10, 8), (10, 10, 10)]
+
+
+def test_a_batch_that_cannot_be_stored_stops_the_run_and_keeps_what_was_committed(
+    tmp_path, session, embedder, storage, monkeypatch
+):
+    """The database refusing a batch ends the run with that error: batches committed before it
+    stay (with their files), the failed one leaves no rows or files, and the batches queued
+    behind it are dropped rather than decoded and embedded."""
+    import clipgallery.bulk as bulk
+
+    _make_folder(tmp_path / "pics", 40)
+    embedded, stored = [], []
+    real_embed, real_store = bulk.embed_prepared, bulk.store_prepared
+
+    def counting_embed(embedder_, batch):
+        embedded.append(len(batch))
+        return real_embed(embedder_, batch)
+
+    def failing_store(session_, embedder_, storage_, batch, **kwargs):
+        if len(stored) == 2:
+            raise RuntimeError("disk full")
+        stored.append(len(batch))
+        return real_store(session_, embedder_, storage_, batch, **kwargs)
+
+    monkeypatch.setattr(bulk, "embed_prepared", counting_embed)
+    monkeypatch.setattr(bulk, "store_prepared", failing_store)
+    with pytest.raises(RuntimeError, match="disk full"):
+        index_folder(session, embedder, storage, tmp_path / "pics", recursive=True, progress=False, batch_size=4)
+    session.rollback()
+    assert _count(session, "images") == _count(session, "indexed_files") == 8
+    assert files_on_disk(storage) == known_file_paths(session)
+    # The failed batch, the one embedded beside it, and at most the one being prepared then.
+    assert 3 <= len(embedded) <= 5 < 10
