@@ -8,6 +8,7 @@ Names come from the content hash only, never from a client.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -38,9 +39,13 @@ class Storage:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    @functools.cached_property
+    def _resolved_root(self) -> Path:
+        return self.root.resolve()
+
     def path(self, relpath: str) -> Path:
         resolved = (self.root / relpath).resolve()
-        if self.root.resolve() not in resolved.parents:
+        if self._resolved_root not in resolved.parents:
             raise ValueError(f"{relpath!r} is outside the upload directory")
         return resolved
 
