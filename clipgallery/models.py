@@ -114,7 +114,11 @@ class Image(SQLModel, table=True):
         sa_column=Column(Text, nullable=False, comment="Served original, relative to uploaded_files/")
     )
     thumbnail_path: str = Field(
-        sa_column=Column(Text, nullable=False, comment="Grid thumbnail (WebP), relative to uploaded_files/")
+        sa_column=Column(
+            Text,
+            nullable=False,
+            comment="Grid thumbnail (JPEG or WebP, CLIPGALLERY_THUMBNAIL_FORMAT), relative to uploaded_files/",
+        )
     )
     name: str = Field(sa_column=Column(Text, nullable=False, comment="Display name"))
     description: str = Field(default="", sa_column=Column(Text, nullable=False, server_default="", comment="Free text"))
