@@ -19,23 +19,20 @@ OLD_COMMENT = "Grid thumbnail (WebP), relative to uploaded_files/"
 NEW_COMMENT = "Grid thumbnail (JPEG or WebP, CLIPGALLERY_THUMBNAIL_FORMAT), relative to uploaded_files/"
 
 
-def upgrade() -> None:
+def _set_comment(comment: str, existing_comment: str) -> None:
     op.alter_column(
         "images",
         "thumbnail_path",
-        comment=NEW_COMMENT,
-        existing_comment=OLD_COMMENT,
+        comment=comment,
+        existing_comment=existing_comment,
         existing_type=sa.Text(),
         existing_nullable=False,
     )
+
+
+def upgrade() -> None:
+    _set_comment(NEW_COMMENT, OLD_COMMENT)
 
 
 def downgrade() -> None:
-    op.alter_column(
-        "images",
-        "thumbnail_path",
-        comment=OLD_COMMENT,
-        existing_comment=NEW_COMMENT,
-        existing_type=sa.Text(),
-        existing_nullable=False,
-    )
+    _set_comment(OLD_COMMENT, NEW_COMMENT)
