@@ -229,3 +229,30 @@ def test_fused_tensor_conversion_gives_torchvisions_values():
         assert float((got - expected).abs().max()) < 1e-5
     other = transforms.Compose([transforms.Resize(8), transforms.PILToTensor()])
     assert fused_tensor_conversion(other) is other
+
+
+@needs_native_bf16
+@pytest.mark.parametrize(
+    ("vision_extra", "fused"),
+    [({}, 2), ({"ls_init_value": 0.1}, 0)],  # layer scale: blocks left as they are
+)
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_fused_image_blocks_keep_the_vectors_of_any_activation(vision_extra, fused, quick_gelu):
+    """QuickGELU (OpenAI's weights) runs beside the fused Linear layers; exact GELU inside them."""
+    import open_clip
+
+    torch.manual_seed(0)
+    cfg = {
+        "embed_dim": 32,
+        "quick_gelu": quick_gelu,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, **vision_extra},
+        "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+    }
+    model = open_clip.model.CLIP(**cfg).eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        reference = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+        to_bf16(model, towers=("image",))
+        assert _fused_blocks(model.visual.modules()) == fused
+        image = torch.nn.functional.normalize(model.encode_image(pixels.bfloat16()).float(), dim=-1)
+    assert float((reference * image).sum(-1).min()) >= 0.999
