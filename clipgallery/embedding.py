@@ -10,6 +10,7 @@ A model is named in one of three ways (see README "Models"):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -634,13 +635,17 @@ def _self_attention_module():
             if (key is not None and key is not query) or (value is not None and value is not query):
                 raise ValueError("LinearSelfAttention handles self-attention only")
             x = query if self.batch_first else query.transpose(0, 1)
+            out = self.out_proj(self.heads(x, attn_mask))
+            return (out if self.batch_first else out.transpose(0, 1)), None
+
+        def heads(self, x, attn_mask=None):
+            """Self-attention of batch-first `x` up to the output projection: (batch, length, dim)."""
             batch, length, dim = x.shape
             q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
             if attn_mask is not None and attn_mask.dtype != torch.bool:
                 attn_mask = attn_mask.to(q.dtype)
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            out = self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
-            return (out if self.batch_first else out.transpose(0, 1)), None
+            return out.transpose(1, 2).reshape(batch, length, dim)
 
     return LinearSelfAttention
 
@@ -660,6 +665,8 @@ def fused_tensor_conversion(preprocess):
         len(steps) < 2
         or type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor")
         or not isinstance(steps[-1], transforms.Normalize)
+        or len(steps[-1].mean) != 3
+        or len(steps[-1].std) != 3
     ):
         return preprocess
     head, tail = transforms.Compose(steps[:-2]), transforms.Compose(steps[-2:])
@@ -669,7 +676,7 @@ def fused_tensor_conversion(preprocess):
 
     def run(image):
         image = head(image)
-        if not isinstance(image, PILImage.Image) or image.mode != "RGB" or len(mean) != 3:
+        if not isinstance(image, PILImage.Image) or image.mode != "RGB":
             return tail(image)
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
         return pixels.mul_(scale).add_(shift)
@@ -767,6 +774,7 @@ def packed_linear_add(x: Tensor, residual: Tensor, weight: Tensor, bias: Optiona
 """
 
 
+@functools.cache  # one TorchScript compilation per process, shared by every packed layer and block
 def _packed_linear_functions():
     import warnings
 
@@ -865,12 +873,7 @@ def _fused_bf16_block():
             attn, mlp = self.attn, self.mlp
             batch, length, dim = q_x.shape
             residual = q_x.reshape(-1, dim).to(torch.bfloat16)
-            qkv = attn.qkv(self.ln_1(q_x)).view(batch, length, 3, attn.num_heads, dim // attn.num_heads)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)
-            if attn_mask is not None and attn_mask.dtype != torch.bool:
-                attn_mask = attn_mask.to(q.dtype)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            out = out.transpose(1, 2).reshape(-1, dim)
+            out = attn.heads(self.ln_1(q_x), attn_mask).reshape(-1, dim)
             x = linear_add(out, residual, attn.out_proj.packed_weight, attn.out_proj.bias)
             hidden = self.ln_2(x)
             if self.gelu_approximate is None:
