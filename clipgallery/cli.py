@@ -372,6 +372,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         changes["image_limit"] = args.limit
     if args.model:
         changes["model_dir"] = Path(args.model)
+    if args.recall_queries:
+        changes["recall_text_queries"] = Path(args.recall_queries)
     if args.stages:
         changes["stages"] = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     options = quick_options(**changes) if args.quick else BenchOptions(**changes)
@@ -567,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", help="stored-vector counts, e.g. 10000,100000,1000000")
     p.add_argument("--model", metavar="DIR", help="model directory (default: a random-weight ViT-B-32)")
     p.add_argument("--stages", help="comma-separated subset of ingest,text,index")
+    p.add_argument(
+        "--recall-queries",
+        metavar="CSV",
+        help="text queries for the recall curves (a query column), e.g. docs/queries/fashion_label_free.csv",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the kept large databases under .state/bench")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurement")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -583,7 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     threshold.add_argument("--min-similarity", type=float, metavar="S", help="smallest similarity, i.e. 1 - D")
     p.add_argument("--limit", type=int, metavar="N", help="at most N groups, tightest first")
     p.add_argument("--neighbours", type=int, default=10, help="nearest images compared with each image")
-    p.add_argument("--ef-search", type=int, help="HNSW search breadth per image (default 40)")
+    p.add_argument(
+        "--ef-search", type=int, help="HNSW search breadth per image (default: CLIPGALLERY_HNSW_EF_SEARCH_IMAGE, 40)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_duplicates)
 

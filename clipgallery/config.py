@@ -110,13 +110,18 @@ class Settings:
 
     # Search
     index_metric: str = "cosine"
-    # m 48 / ef_construction 128 / ef_search 100, from the bench's curves (docs/benchmarks.md): on its
-    # hard synthetic data recall@10 levels off whatever ef_search, at a height set by m (1M vectors:
-    # 0.89 m 16, 0.94 m 32, 0.97 m 48 at SQL p95 8.7 ms); m 48 cost 1.9x m 32's build time and 3 %
-    # more index.
+    # m 48 / ef_construction 128, from the bench's curves (docs/benchmarks.md): on its hard synthetic
+    # data recall@10 levels off whatever ef_search, at a height set by m (1M vectors: 0.89 m 16,
+    # 0.94 m 32, 0.97 m 48); m 48 cost 1.9x m 32's build time and 3 % more index.
     hnsw_m: int = 48
     hnsw_ef_construction: int = 128
-    hnsw_ef_search: int = 100
+    # ef_search per kind of query. A text query lies far from every image (CLIP's modality gap), so
+    # its graph walk needs a wide beam: with the trained fashion model at 100k vectors its
+    # recall@10 is 0.51 at ef_search 40 and 0.67 at 100. An image's neighbours are close: 1.000
+    # from ef_search 10 there, and on the bench's 1M set 0.966 at 40 against 0.970 at 100, for two
+    # thirds of the p95 latency (docs/scaling.md#recall-per-kind-of-query).
+    hnsw_ef_search: int = 100  # text queries, and vectors of unknown origin
+    hnsw_ef_search_image: int = 40  # image queries: upload, URL, "more like this"
     default_k: int = 20
     max_k: int = 500
 
@@ -224,6 +229,7 @@ def load_settings() -> Settings:
         hnsw_m=_env_int("CLIPGALLERY_HNSW_M", defaults.hnsw_m, 2),
         hnsw_ef_construction=_env_int("CLIPGALLERY_HNSW_EF_CONSTRUCTION", defaults.hnsw_ef_construction, 4),
         hnsw_ef_search=_env_int("CLIPGALLERY_HNSW_EF_SEARCH", defaults.hnsw_ef_search, 1),
+        hnsw_ef_search_image=_env_int("CLIPGALLERY_HNSW_EF_SEARCH_IMAGE", defaults.hnsw_ef_search_image, 1),
         default_k=_env_int("CLIPGALLERY_DEFAULT_K", defaults.default_k, 1),
         max_k=_env_int("CLIPGALLERY_MAX_K", defaults.max_k, 1),
         duplicate_distance=_env_float("CLIPGALLERY_DUPLICATE_DISTANCE", defaults.duplicate_distance, 0.0, 1.0),

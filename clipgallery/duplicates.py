@@ -68,9 +68,6 @@ log = logging.getLogger(__name__)
 # per-statement overhead does not matter.
 CHUNK_SIZE = 5000
 MAX_NEIGHBOURS = 100
-# Near copies are the very closest neighbours: a narrower search than text queries need finds them
-# (99.4 % of planted copies at 100k, docs/operations.md) at well under the cost of the search default.
-DEFAULT_EF_SEARCH = 40
 
 
 @dataclass(frozen=True)
@@ -227,7 +224,9 @@ def find_close_pairs(
     _validate(settings, max_distance, neighbours, None)
     metric = settings.index_metric
     bound = distance_bound(metric, 1.0 - max_distance)
-    ef = min(MAX_EF_SEARCH, max(neighbours + 1, ef_search or DEFAULT_EF_SEARCH))
+    # Near copies are the very closest neighbours: the image queries' beam finds them (99.4 % of
+    # planted copies at 100k with ef_search 40, docs/operations.md), narrower than text queries need.
+    ef = min(MAX_EF_SEARCH, max(neighbours + 1, ef_search or settings.hnsw_ef_search_image))
     ids = (
         session.execute(
             text("SELECT image_id FROM image_embeddings WHERE model_id = :m ORDER BY image_id"), {"m": model_id}

@@ -581,6 +581,7 @@ def run_model_method(
     exact: bool,
     bar,
     keywords: Sequence[str | None] | None = None,
+    ef_search: int | None = None,
 ) -> tuple[list[QueryScores | None], list[list[int]], list[float]]:
     """Two SQL queries per query vector: the timed top-10 (what a search returns) and the full
     ranking of every candidate (for average precision). With `keywords` (aligned with the text
@@ -591,7 +592,13 @@ def run_model_method(
     for query in queries:
         vector = vectors[query.vector_index]
         words = keywords[query.vector_index] if keywords is not None else None
-        common = {"metric": metric, "exact": exact, "exclude_image_id": query.exclude, "keywords": words}
+        common = {
+            "metric": metric,
+            "exact": exact,
+            "exclude_image_id": query.exclude,
+            "keywords": words,
+            "ef_search": ef_search,
+        }
         started = time.perf_counter()
         top = search_vector(session, settings, model_id, vector, k=TOP_K, **common)
         seconds.append(time.perf_counter() - started)
@@ -922,6 +929,8 @@ def run_eval(settings: Settings, options: EvalOptions) -> EvalReport:
                             spec.exact,
                             bar,
                             keywords=spec.keywords,
+                            # Image queries search with the app's image beam, text ones with its text beam.
+                            ef_search=query_settings.hnsw_ef_search_image if task_key == IMAGE_TASK else None,
                         )
                     tasks[task_key][spec.key] = MethodResult(
                         spec.key,
@@ -1016,6 +1025,7 @@ def run_eval(settings: Settings, options: EvalOptions) -> EvalReport:
                 "hnsw_m": settings.hnsw_m,
                 "hnsw_ef_construction": settings.hnsw_ef_construction,
                 "hnsw_ef_search": settings.hnsw_ef_search,
+                "hnsw_ef_search_image": settings.hnsw_ef_search_image,
             },
             "pixel_baseline": (
                 f"{options.pixel_size}x{options.pixel_size} RGB, area-averaged (PIL BOX), values in [0, 1]"
@@ -1321,7 +1331,8 @@ def write_markdown(report: EvalReport) -> Path:
         f"- names and descriptions: {_describe_text_fields(info)}",
         f"- hybrid search: {_describe_hybrid(info)}",
         f"- index: HNSW on {info['index']['metric']} (m {info['index']['hnsw_m']}, ef_construction "
-        f"{info['index']['hnsw_ef_construction']}, ef_search {info['index']['hnsw_ef_search']}); "
+        f"{info['index']['hnsw_ef_construction']}, ef_search {info['index']['hnsw_ef_search']} for text queries, "
+        f"{info['index']['hnsw_ef_search_image']} for image queries); "
         "other metrics and `exact` run as sequential scans",
         f"- pixel baseline: {info['pixel_baseline']}",
         f"- evaluation database: `{info['database']}`",

@@ -269,11 +269,14 @@ def search_vector(
     exclude_image_id: int | None = None,
     filters: ImageFilters | None = None,
     keywords: str | None = None,
+    ef_search: int | None = None,
 ) -> SearchPage:
     """Nearest stored images to `vector`, optionally filtered. `model`: the id of the model that
     made `vector`, or the configured Embedder, whose id is then checked (`gallery_model_id`) in
     the round trip that sets the transaction's search settings. `vector` may still be being
     computed (a Future): it is waited for only once the statements that do not need it are done.
+    `ef_search`: the HNSW beam (default: `hnsw_ef_search`, the text queries' setting; image
+    queries pass `hnsw_ef_search_image`), raised to the page's depth when that is deeper.
 
     With `keywords` (the query's words, see `keyword_query`) the ranking is hybrid: the vector
     ranking fused with full-text search over names and descriptions (`hybrid_search_sql`)."""
@@ -301,8 +304,8 @@ def search_vector(
     # Transaction-local settings and the model check, all in one round trip.
     configs: list[str] = []
     if uses_index:
-        ef_search = min(MAX_EF_SEARCH, max(settings.hnsw_ef_search, depth))
-        configs.append(f"set_config('hnsw.ef_search', '{int(ef_search)}', true)")
+        beam = min(MAX_EF_SEARCH, max(ef_search or settings.hnsw_ef_search, depth))
+        configs.append(f"set_config('hnsw.ef_search', '{int(beam)}', true)")
         # Filters (model, threshold, excluded image) can drop candidates: the iterative scan keeps
         # searching the graph until the page is full.
         if _has_iterative_scan(session):
@@ -387,9 +390,11 @@ def encode_query_image(embedder: Embedder, data: bytes) -> tuple[np.ndarray, Dec
 
 
 def search_by_vector(session: Session, embedder: Embedder, vector: np.ndarray, **options) -> SearchPage:
-    """Images nearest to a query vector made by the configured model (e.g. a remembered image
-    query, so paging does not need the image again)."""
-    return search_vector(session, embedder.settings, embedder, np.asarray(vector, dtype=np.float32), **options)
+    """Images nearest to an image query's vector made by the configured model (e.g. a remembered
+    image query, so paging does not need the image again)."""
+    settings = embedder.settings
+    vector = np.asarray(vector, dtype=np.float32)
+    return search_vector(session, settings, embedder, vector, ef_search=settings.hnsw_ef_search_image, **options)
 
 
 def search_image_bytes(session: Session, embedder: Embedder, data: bytes, **options) -> SearchPage:
@@ -407,6 +412,13 @@ def search_similar(session: Session, embedder: Embedder, image_id: int, **option
     ).scalar()
     if vector is None:
         raise NotFoundError(f"No image with id {image_id} has a vector of the configured model.")
+    settings = embedder.settings
     return search_vector(
-        session, embedder.settings, model_id, vector_to_numpy(vector), exclude_image_id=image_id, **options
+        session,
+        settings,
+        model_id,
+        vector_to_numpy(vector),
+        exclude_image_id=image_id,
+        ef_search=settings.hnsw_ef_search_image,
+        **options,
     )

@@ -17,6 +17,8 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
         (images / label).mkdir(parents=True)
         for i in range(10):
             picture(100 * offset + i).save(images / label / f"{i}.jpg", quality=90)
+    recall_queries = tmp_path / "queries.csv"
+    recall_queries.write_text("query,label\na cat on a sofa,cats\na puppy,dogs\nwhiskers,cats\n")
     options = BenchOptions(
         images=images,
         out=tmp_path / "report" / "benchmarks.md",
@@ -28,6 +30,7 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
         ef_values=(10, 40),
         queries=20,
         text_queries=6,
+        recall_text_queries=recall_queries,
         exact_sql_queries=3,
         http=False,
         memory=False,
@@ -73,6 +76,9 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     size = data["sizes"]["2000"]
     assert set(size["curves"]) == {"vector", "halfvec"}
     assert size["exact_sql"]["recall"] == 1.0 and size["numpy"]["recall"] == 1.0
+    # The recall curves' text queries are the given file's; the image queries' beam is judged.
+    assert size["queries_text"] == 3 and f"the queries of `{recall_queries}`" in text
+    assert "shipped ef_search (image queries 40, text queries 100): near queries" in text
     assert set(data["fidelity"]) == precisions - {"fp32"}
     assert 0.0 <= data["fidelity"]["int8"]["image_top10_overlap"] <= 1.0
     # The shipped text tower (bf16 on CPUs with native bf16) beside fp32, in latency and fidelity.

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from clipgallery import cli
-from clipgallery.datasets import LabelledImage, LabelledQuery, load_queries_csv, read_split
+from clipgallery.datasets import LabelledImage, LabelledQuery, load_queries_csv, load_query_texts, read_split
 from clipgallery.evaluation import (
     RAW_PROMPT,
     EvalOptions,
@@ -235,6 +235,23 @@ def test_load_queries_csv(tmp_path):
     path.write_text("query,label\na tee,Tshirts\na  tee,Tshirts\n")
     with pytest.raises(ValueError, match=r"line 3: repeats line 2"):
         load_queries_csv(path)
+
+
+def test_load_query_texts_needs_no_labels(tmp_path):
+    assert load_query_texts(REPO / "docs" / "queries" / "fashion_label_free.csv")[:2] == [
+        "a plain tee",
+        "a graphic tee with a print",
+    ]
+    path = tmp_path / "q.csv"
+    path.write_text("text\n shades \nsneakers\n\nshades\n")
+    assert load_query_texts(path) == ["shades", "sneakers"]  # blank rows and repeats dropped
+    path.write_text("phrase\nshades\n")
+    with pytest.raises(ValueError, match=r"no query column"):
+        load_query_texts(path)
+    assert load_query_texts(path, query_column="phrase") == ["shades"]
+    path.write_text("query\n\n")
+    with pytest.raises(ValueError, match=r"no queries"):
+        load_query_texts(path)
 
 
 def test_item_texts_render_like_training_captions():

@@ -2,11 +2,13 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+from clipgallery.config import ConfigError, load_settings
 from clipgallery.gallery import vector_to_numpy
 from clipgallery.ingest import ingest_image
 from clipgallery.models import HNSW_INDEX_NAME
 from clipgallery.search import (
     InvalidQuery,
+    search_by_vector,
     search_image_bytes,
     search_similar,
     search_sql,
@@ -103,6 +105,41 @@ def test_more_like_this_leaves_the_image_itself_out(gallery, session, embedder):
     assert gallery[3] not in ids and len(ids) == 39
     direct = search_image_bytes(session, embedder, jpeg(103), k=40, exact=True)
     assert ids == [h.id for h in direct.hits if h.id != gallery[3]]
+
+
+def test_image_queries_search_with_a_narrower_beam_than_text_queries(gallery, session, embedder, settings):
+    # A text query lies far from every image and needs the wide beam; an image query's neighbours
+    # are close (docs/benchmarks.md). set_config(..., true) lasts until the transaction ends.
+    def beam() -> int:
+        return int(session.execute(text("SELECT current_setting('hnsw.ef_search')")).scalar())
+
+    text_beam, image_beam = settings.hnsw_ef_search, settings.hnsw_ef_search_image
+    assert (text_beam, image_beam) == (100, 40)
+    search_text(session, embedder, "a red square", k=5)
+    assert beam() == text_beam
+    search_similar(session, embedder, gallery[3], k=5)
+    assert beam() == image_beam
+    search_text(session, embedder, "a red square", k=5, hybrid=False)
+    assert beam() == text_beam
+    search_image_bytes(session, embedder, jpeg(103), k=5)
+    assert beam() == image_beam
+    search_text(session, embedder, "a red square", k=5)
+    search_by_vector(session, embedder, embedder.encode_text("blue"), k=5)
+    assert beam() == image_beam
+    # Deep pages widen either beam to the page's depth (offset + k + 1).
+    search_similar(session, embedder, gallery[3], k=30, offset=30)
+    assert beam() == 61
+    search_text(session, embedder, "a red square", k=30, offset=90, hybrid=False)
+    assert beam() == 121
+
+
+def test_the_image_beam_is_configurable(monkeypatch):
+    assert load_settings().hnsw_ef_search_image == 40
+    monkeypatch.setenv("CLIPGALLERY_HNSW_EF_SEARCH_IMAGE", "64")
+    assert load_settings().hnsw_ef_search_image == 64
+    monkeypatch.setenv("CLIPGALLERY_HNSW_EF_SEARCH_IMAGE", "0")
+    with pytest.raises(ConfigError, match="CLIPGALLERY_HNSW_EF_SEARCH_IMAGE"):
+        load_settings()
 
 
 def test_hits_carry_what_a_result_tile_needs(gallery, session, embedder):
