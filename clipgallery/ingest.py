@@ -22,7 +22,7 @@ from sqlmodel import Session
 from clipgallery import storage as files
 from clipgallery.embedding import Embedder
 from clipgallery.gallery import gallery_model_id
-from clipgallery.imaging import DecodedImage, RejectedImage, decode_image, make_thumbnail
+from clipgallery.imaging import DecodedImage, RejectedImage, decode_image, make_thumbnail, working_size_for
 from clipgallery.models import Image, ImageEmbedding
 from clipgallery.storage import Storage
 
@@ -87,7 +87,9 @@ def prepare_image(
     """Validate and decode; raises RejectedImage. With `embedder`, also the model's input tensor
     (so threads can do this while the model works on the previous batch)."""
     safe_filename = clean_filename(filename)
-    decoded = decode_image(data, settings.max_upload_bytes, settings.max_image_pixels)
+    decoded = decode_image(
+        data, settings.max_upload_bytes, settings.max_image_pixels, working_size_for(settings.thumbnail_size)
+    )
     prepared = PreparedImage(
         filename=safe_filename,
         name=((name or "").strip() or default_name(safe_filename))[:MAX_NAME],
@@ -291,7 +293,8 @@ def reembed_images(
         pictures, kept = [], []
         for image_id, stored_path in rows:
             try:
-                decoded = decode_image(storage.path(stored_path).read_bytes(), 1 << 62, 1 << 62)
+                data = storage.path(stored_path).read_bytes()
+                decoded = decode_image(data, 1 << 62, 1 << 62, working_size_for(settings.thumbnail_size))
             except (OSError, RejectedImage) as exc:
                 log.warning("cannot re-embed image %s (%s): %s", image_id, stored_path, exc)
                 continue

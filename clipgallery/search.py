@@ -30,7 +30,7 @@ from clipgallery.gallery import (
     model_state_params,
     vector_to_numpy,
 )
-from clipgallery.imaging import DecodedImage, decode_image
+from clipgallery.imaging import DecodedImage, decode_image, working_size_for
 from clipgallery.models import METRIC_OPERATORS
 
 MAX_OFFSET = 10_000
@@ -385,7 +385,9 @@ def encode_query_image(embedder: Embedder, data: bytes) -> tuple[np.ndarray, Dec
     """The query vector of an image given as bytes (validated like an upload; nothing is stored),
     with the decoded image (for a preview)."""
     settings = embedder.settings
-    decoded = decode_image(data, settings.max_upload_bytes, settings.max_image_pixels)
+    decoded = decode_image(
+        data, settings.max_upload_bytes, settings.max_image_pixels, working_size_for(settings.thumbnail_size)
+    )
     return embedder.encode_images([decoded.rgb])[0], decoded
 
 

@@ -62,6 +62,8 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
         "chromadb `collection.add`",
         "numpy exact",
         "Chroma",
+        "decode + thumbnail + preprocess, shipped",
+        "decode + thumbnail + preprocess, decoded whole",
     ):
         assert row in text, row
     assert "| vector | 40 |" in text and "| halfvec | 10 |" in text

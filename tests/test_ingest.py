@@ -2,11 +2,13 @@ import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import text
 
 from clipgallery.gallery import count_images, delete_images, get_image
+from clipgallery.imaging import decode_image, working_size_for
 from clipgallery.ingest import clean_filename, ingest_image
 from tests.conftest import encode, files_on_disk, jpeg, picture
 
@@ -117,6 +119,61 @@ def test_exif_rotation_is_applied_and_gps_removed_from_the_served_original(sessi
     assert record.sha256 == __import__("hashlib").sha256(data).hexdigest()
 
 
+def _big(size: tuple[int, int], kind: str, **options) -> bytes:
+    return encode(picture(31, (96, 72)).resize(size, Image.Resampling.BICUBIC), kind, **options)
+
+
+@pytest.mark.parametrize(
+    "kind,size,working",
+    [
+        ("JPEG", (4000, 3000), (1000, 750)),  # decoded at 1/4 scale by the JPEG decoder
+        ("JPEG", (1600, 1200), (800, 600)),  # 1/2
+        ("PNG", (2400, 1300), (1200, 650)),  # box-reduced by 2 after decoding
+        ("WEBP", (1000, 700), (1000, 700)),  # shorter side under twice the working size: kept
+        ("JPEG", (300, 200), (300, 200)),  # small images untouched
+    ],
+)
+def test_large_images_are_decoded_only_as_large_as_the_model_and_thumbnail_need(kind, size, working):
+    data = _big(size, kind)
+    decoded = decode_image(data, 1 << 30, 1 << 30, working_size_for(384))
+    assert decoded.rgb.size == working and decoded.rgb.mode == "RGB"
+    assert (decoded.width, decoded.height) == size and decoded.served_bytes == data
+    assert working_size_for(384) == 512 and working_size_for(800) == 800
+    whole = decode_image(data, 1 << 30, 1 << 30)
+    assert whole.rgb.size == size
+    # The reduced pixels are the same picture (a smooth one here): as the model will see it.
+    a = np.asarray(whole.rgb.resize((64, 48), Image.Resampling.BOX), dtype=np.float32)
+    b = np.asarray(decoded.rgb.resize((64, 48), Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(a - b).mean() < 2.0
+
+
+def test_a_rotated_or_located_photo_is_served_whole_and_embedded_from_reduced_pixels():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif.get_ifd(0x8825)[1] = "N"
+    data = _big((1600, 1200), "JPEG", exif=exif.tobytes())
+    decoded = decode_image(data, 1 << 30, 1 << 30, working_size_for(384))
+    assert (decoded.width, decoded.height) == (1200, 1600)
+    assert decoded.rgb.size == (600, 800)
+    with Image.open(io.BytesIO(decoded.served_bytes)) as served:
+        assert served.size == (1200, 1600) and 0x8825 not in served.getexif()
+
+
+def test_a_large_photo_is_stored_whole_and_found_by_its_own_bytes(session, embedder, storage):
+    from clipgallery.search import search_image_bytes
+
+    data = _big((2000, 1500), "JPEG")  # within the test settings' 4 megapixels and 2 MB
+    outcome = ingest_image(session, embedder, storage, data, "camera.jpg")
+    assert outcome.status == "added", outcome
+    record = get_image(session, outcome.image_id)
+    assert (record.width, record.height) == (2000, 1500)
+    assert storage.path(record.stored_path).read_bytes() == data
+    with Image.open(storage.path(record.thumbnail_path)) as thumb:
+        assert max(thumb.size) == embedder.settings.thumbnail_size
+    hit = search_image_bytes(session, embedder, data, k=1).hits[0]
+    assert hit.id == outcome.image_id and hit.distance == pytest.approx(0.0, abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "name,data",
     [
@@ -126,6 +183,8 @@ def test_exif_rotation_is_applied_and_gps_removed_from_the_served_original(sessi
         ("alpha.webp", encode(picture(22).convert("RGBA"), "WEBP")),
         ("grey.png", encode(picture(23).convert("L"), "PNG")),
         ("animated.gif", None),
+        # A JPEG with a multi-picture segment, as phone cameras write: Pillow calls it "MPO".
+        ("phone.jpg", encode(picture(24), "MPO", save_all=True, append_images=[picture(25)])),
     ],
 )
 def test_unusual_but_valid_images_are_accepted(name, data, session, embedder, storage):
@@ -139,6 +198,8 @@ def test_unusual_but_valid_images_are_accepted(name, data, session, embedder, st
     record = get_image(session, outcome.image_id)
     assert record.has_embedding
     assert storage.path(record.thumbnail_path).is_file()
+    if name == "phone.jpg":
+        assert record.mime_type == "image/jpeg"
 
 
 def test_a_failed_database_write_leaves_no_files_and_no_rows(session, embedder, storage):
