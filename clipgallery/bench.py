@@ -563,16 +563,25 @@ def component_costs(embedders: dict, files: list[Path], settings: Settings, batc
 CAMERA_PHOTO_SIZE = (4000, 3000)
 
 
-def camera_photo(source: Path) -> bytes:
+def camera_photo(source: Path, phone: bool = False) -> bytes:
     """A 12-megapixel camera-like JPEG (quality 90) from one set image: upscaled, with pixel
-    noise so it compresses like a photo (≈ 2.6 MB) rather than like a smooth upscale."""
+    noise so it compresses like a photo (≈ 2.6 MB) rather than like a smooth upscale. `phone`:
+    with what a phone adds, a GPS position and an EXIF rotation (portrait held sideways)."""
     from PIL import Image
+
+    from clipgallery.imaging import EXIF_GPS_IFD, EXIF_ORIENTATION
+
+    exif = Image.Exif()
+    if phone:
+        exif[EXIF_ORIENTATION] = 6
+        gps = exif.get_ifd(EXIF_GPS_IFD)
+        gps[1], gps[2] = "N", (52.0, 22.0, 12.0)
 
     upscaled = Image.open(source).convert("RGB").resize(CAMERA_PHOTO_SIZE, Image.Resampling.BICUBIC)
     noise = 6 * np.random.default_rng(GENERATOR_SEED).standard_normal((*CAMERA_PHOTO_SIZE[::-1], 3), np.float32)
     noisy = np.clip(np.asarray(upscaled, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
     out = io.BytesIO()
-    Image.fromarray(noisy).save(out, "JPEG", quality=90)
+    Image.fromarray(noisy).save(out, "JPEG", quality=90, exif=exif.tobytes())
     return out.getvalue()
 
 
@@ -582,17 +591,19 @@ def camera_photo_costs(embedder, source: Path, settings: Settings, repeats: int 
     what a camera folder costs)."""
     from clipgallery.imaging import decode_image, make_thumbnail, working_size_for
 
-    data = camera_photo(source)
+    data, phone = camera_photo(source), camera_photo(source, phone=True)
     label = f"12-megapixel camera JPEG ({len(data) / 1e6:.1f} MB): decode + thumbnail + preprocess"
+    working = working_size_for(settings.thumbnail_size)
     costs = {}
-    for key, working in (
-        (f"{label}, shipped", working_size_for(settings.thumbnail_size)),
-        (f"{label}, decoded whole", None),
+    for key, photo, size in (
+        (f"{label}, shipped", data, working),
+        (f"{label}, with GPS and EXIF rotation (a phone's), shipped", phone, working),
+        (f"{label}, decoded whole", data, None),
     ):
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
-            decoded = decode_image(data, len(data), CAMERA_PHOTO_SIZE[0] * CAMERA_PHOTO_SIZE[1], working)
+            decoded = decode_image(photo, len(photo), CAMERA_PHOTO_SIZE[0] * CAMERA_PHOTO_SIZE[1], size)
             make_thumbnail(decoded.rgb, settings.thumbnail_size, settings.thumbnail_format)
             embedder.preprocess(decoded.rgb)
             times.append(time.perf_counter() - started)
@@ -1736,9 +1747,10 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             "Where the time goes (ms per image, each step alone on a sample, same run): the bulk path decodes, "
             "makes the thumbnail and preprocesses in threads, runs the model on the next batch in a thread of "
             "its own, and meanwhile writes the files and commits the current batch's transaction. The set's "
-            "images are small; the last two rows are one 12-megapixel camera-like JPEG (`bench.camera_photo`: "
+            "images are small; the last three rows are one 12-megapixel camera-like JPEG (`bench.camera_photo`: "
             "a set image upscaled to 4000 × 3000 with pixel noise), decoded at the reduced scale the model and "
-            "the thumbnail need (shipped, `imaging.decode_image`) and decoded whole.",
+            "the thumbnail need (shipped, `imaging.decode_image`), the same with a phone's GPS position and "
+            "EXIF rotation (location removed from the metadata, pixels untouched), and decoded whole.",
             "",
             *_table(["step", "ms / image"], [[k, _f(v, 2)] for k, v in costs.items()]),
         ]

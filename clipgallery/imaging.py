@@ -97,20 +97,28 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, working_size: int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rewrite = _needs_rewrite(image)
-            if image.getexif().get(EXIF_ORIENTATION, 1) in ORIENTATIONS_SWAPPING_SIDES:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            if orientation in ORIENTATIONS_SWAPPING_SIDES:
                 width, height = height, width
-            if working_size and mime_type == "image/jpeg" and not rewrite:
+            located = image.format != "GIF" and _has_location(image)
+            # A JPEG is served as the camera wrote it, EXIF orientation included (browsers apply
+            # it), its location removed from the metadata; other formats are re-encoded upright.
+            served = _jpeg_without_location(data) if located and mime_type == "image/jpeg" else None
+            rotated = image.format != "GIF" and orientation not in (0, 1) and mime_type != "image/jpeg"
+            reencode = served is None and (located or rotated)
+            if working_size and mime_type == "image/jpeg" and not reencode:
                 image.draft(image.mode, (working_size, working_size))
             image.load()  # first frame only for animations
             oriented = ImageOps.exif_transpose(image)
             rgb = to_rgb(_reduced(oriented, working_size) if working_size else oriented)
+            if reencode:
+                served = _reencoded_upright(image, oriented)
     except RejectedImage:
         raise
     except Exception as exc:
         raise RejectedImage(f"The image data is damaged or incomplete ({exc}).") from None
 
-    served_bytes, served_is_original = _served_original(data, image, oriented) if rewrite else (data, True)
+    served_bytes, served_is_original = (data, True) if served is None else (served, False)
     return DecodedImage(
         sha256=hashlib.sha256(data).hexdigest(),
         byte_size=len(served_bytes),
@@ -162,15 +170,60 @@ def _reduced(image: Image.Image, working_size: int) -> Image.Image:
     return image.reduce(factor) if factor >= 2 else image
 
 
-def _needs_rewrite(image: Image.Image) -> bool:
-    """Whether the served copy must be re-encoded: an EXIF rotation or a location (GIFs carry neither)."""
-    if image.format == "GIF":
-        return False
-    return image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1) or _has_location(image)
+JPEG_SOS, JPEG_EOI, JPEG_APP1 = 0xDA, 0xD9, 0xE1
+EXIF_HEADER = b"Exif\x00\x00"
+XMP_HEADERS = (b"http://ns.adobe.com/xap/1.0/\x00", b"http://ns.adobe.com/xmp/extension/\x00")
 
 
-def _served_original(data: bytes, image: Image.Image, oriented: Image.Image) -> tuple[bytes, bool]:
-    """A re-encoded copy of an image that carries a location or an EXIF rotation (`_needs_rewrite`):
+def _jpeg_without_location(data: bytes) -> bytes | None:
+    """The JPEG's bytes with the EXIF GPS directory and any XMP packet that mentions GPS taken
+    out of its metadata segments; the compressed pixels (everything from the start of scan) are
+    copied untouched. None when the segments cannot be walked or the result would still carry a
+    location: the caller re-encodes instead."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    parts, pos, exif_done = [data[:2]], 2, False
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (JPEG_SOS, JPEG_EOI):
+            parts.append(data[pos:])
+            break
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        end = pos + 2 + length
+        if length < 2 or end > len(data):
+            return None
+        payload = data[pos + 4 : end]
+        if marker == JPEG_APP1 and payload.startswith(EXIF_HEADER):
+            if not exif_done:  # a second EXIF segment is dropped: readers use the first
+                try:
+                    exif = Image.Exif()
+                    exif.load(payload)
+                    exif.get_ifd(0x8769)  # the camera settings: kept (tobytes() writes the directories loaded)
+                    exif.pop(EXIF_GPS_IFD, None)
+                    clean = exif.tobytes()
+                except Exception:  # metadata Pillow cannot rewrite: the caller re-encodes
+                    return None
+                if len(clean) + 2 > 0xFFFF:
+                    return None
+                parts.append(b"\xff\xe1" + (len(clean) + 2).to_bytes(2, "big") + clean)
+                exif_done = True
+        elif not (marker == JPEG_APP1 and payload.startswith(XMP_HEADERS) and b"GPS" in payload):
+            parts.append(data[pos:end])
+        pos = end
+    else:
+        return None
+    stripped = b"".join(parts)
+    with Image.open(io.BytesIO(stripped)) as check:
+        return None if _has_location(check) else stripped
+
+
+def _reencoded_upright(image: Image.Image, oriented: Image.Image) -> bytes:
+    """A PNG or WebP (or a JPEG whose metadata `_jpeg_without_location` could not clean), re-encoded
     upright and without GPS (other EXIF kept)."""
     clean = oriented.getexif()
     clean.pop(EXIF_GPS_IFD, None)
@@ -185,7 +238,7 @@ def _served_original(data: bytes, image: Image.Image, oriented: Image.Image) -> 
         oriented.save(out, "WEBP", quality=95, **options)
     else:
         oriented.save(out, "PNG", **options)
-    return out.getvalue(), False
+    return out.getvalue()
 
 
 THUMBNAIL_ENCODINGS = {

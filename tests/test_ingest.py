@@ -1,10 +1,11 @@
+import hashlib
 import io
 import struct
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from sqlalchemy import text
 
 from clipgallery.gallery import count_images, delete_images, get_image
@@ -98,25 +99,62 @@ def test_same_bytes_twice_returns_the_existing_image(session, embedder, storage)
     assert len(files_on_disk(storage)) == 2
 
 
-def test_exif_rotation_is_applied_and_gps_removed_from_the_served_original(session, embedder, storage):
-    image = picture(12, (120, 80))
+def _located(orientation: int | None) -> Image.Exif:
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    if orientation:
+        exif[0x0112] = orientation  # 6: rotate 90 degrees clockwise when shown
+    exif[0x010F] = "PhoneMaker"
+    exif.get_ifd(0x8769)[0x829A] = 0.01  # exposure time, in the camera-settings directory
     gps = exif.get_ifd(0x8825)
     gps[1], gps[2] = "N", (52.0, 22.0, 12.0)
-    data = encode(image, "JPEG", exif=exif.tobytes())
+    return exif
+
+
+def _scan(data: bytes) -> bytes:
+    """A JPEG's compressed pixels: everything from the start-of-scan marker."""
+    return data[data.index(b"\xff\xda") :]
+
+
+def test_a_located_jpeg_is_served_with_its_pixels_untouched_and_without_gps(session, embedder, storage):
+    image = picture(12, (120, 80))
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><exif:GPSLatitude>52,22N</exif:GPSLatitude></x:xmpmeta>'
+    data = encode(image, "JPEG", exif=_located(6).tobytes(), xmp=xmp)
     with Image.open(io.BytesIO(data)) as check:
-        assert 0x8825 in check.getexif()
+        assert 0x8825 in check.getexif() and "xmp" in check.info
 
     outcome = ingest_image(session, embedder, storage, data, "phone.jpg")
     record = get_image(session, outcome.image_id)
+    assert (record.width, record.height) == (80, 120)  # upright
+    served_bytes = storage.path(record.stored_path).read_bytes()
+    # Not re-encoded: the same compressed pixels, the camera's orientation tag (browsers apply it).
+    assert _scan(served_bytes) == _scan(data) and len(served_bytes) < len(data)
+    with Image.open(io.BytesIO(served_bytes)) as served:
+        exif = served.getexif()
+        assert 0x8825 not in exif and "xmp" not in served.info
+        assert exif[0x0112] == 6 and exif[0x010F] == "PhoneMaker"
+        assert exif.get_ifd(0x8769)[0x829A] == pytest.approx(0.01)
+        assert ImageOps.exif_transpose(served).size == (80, 120)
+    assert record.sha256 == hashlib.sha256(data).hexdigest()
+    with Image.open(storage.path(record.thumbnail_path)) as thumb:
+        assert thumb.width < thumb.height  # made from the upright pixels
+
+
+def test_a_rotated_jpeg_without_location_is_served_as_uploaded(session, embedder, storage):
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    data = encode(picture(13, (120, 80)), "JPEG", exif=exif.tobytes())
+    record = get_image(session, ingest_image(session, embedder, storage, data, "r.jpg").image_id)
     assert (record.width, record.height) == (80, 120)
+    assert storage.path(record.stored_path).read_bytes() == data
+
+
+@pytest.mark.parametrize("kind", ["PNG", "WEBP"])
+def test_other_formats_with_a_rotation_or_location_are_served_re_encoded_upright(kind, session, embedder, storage):
+    data = encode(picture(14, (120, 80)), kind, exif=_located(6).tobytes())
+    record = get_image(session, ingest_image(session, embedder, storage, data, f"x.{kind.lower()}").image_id)
     with Image.open(storage.path(record.stored_path)) as served:
-        assert served.size == (80, 120)
-        served_exif = served.getexif()
-        assert 0x8825 not in served_exif
-        assert served_exif.get(0x0112, 1) == 1
-    assert record.sha256 == __import__("hashlib").sha256(data).hexdigest()
+        assert served.size == (80, 120) and served.format == kind
+        assert 0x8825 not in served.getexif() and served.getexif().get(0x0112, 1) == 1
 
 
 def _big(size: tuple[int, int], kind: str, **options) -> bytes:
@@ -147,15 +185,16 @@ def test_large_images_are_decoded_only_as_large_as_the_model_and_thumbnail_need(
     assert np.abs(a - b).mean() < 2.0
 
 
-def test_a_rotated_or_located_photo_is_served_whole_and_embedded_from_reduced_pixels():
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    exif.get_ifd(0x8825)[1] = "N"
-    data = _big((1600, 1200), "JPEG", exif=exif.tobytes())
+def test_a_rotated_located_photo_is_decoded_reduced_and_upright():
+    data = _big((1600, 1200), "JPEG", exif=_located(6).tobytes())
     decoded = decode_image(data, 1 << 30, 1 << 30, working_size_for(384))
     assert (decoded.width, decoded.height) == (1200, 1600)
-    assert decoded.rgb.size == (600, 800)
-    with Image.open(io.BytesIO(decoded.served_bytes)) as served:
+    assert decoded.rgb.size == (600, 800) and not decoded.served_is_original
+    assert _scan(decoded.served_bytes) == _scan(data)
+    # A PNG is re-encoded upright from the whole pixels; the model still gets reduced ones.
+    png = decode_image(_big((1600, 1200), "PNG", exif=_located(6).tobytes()), 1 << 30, 1 << 30, 512)
+    assert png.rgb.size == (600, 800)
+    with Image.open(io.BytesIO(png.served_bytes)) as served:
         assert served.size == (1200, 1600) and 0x8825 not in served.getexif()
 
 
