@@ -1,5 +1,6 @@
 """Pillow work: decide what a file is from its bytes, refuse what is unsafe, and derive the
-RGB pixels for the model, the thumbnail and the served original (oriented, GPS removed)."""
+RGB pixels for the model and the thumbnail (oriented, no larger than they need) and the served
+original (without its location)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from clipgallery.config import Settings
+
 ALLOWED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 # Pillow names a JPEG with a multi-picture segment (many phone cameras write one) "MPO": a JPEG
 # whose first picture is the photo.
 PILLOW_FORMAT_MIME = {**ALLOWED_FORMATS, "MPO": "image/jpeg"}
 EXIF_ORIENTATION = 0x0112
 EXIF_GPS_IFD = 0x8825
+EXIF_CAMERA_IFD = 0x8769  # exposure, lens, dates
 
 # We check the pixel count ourselves, with our own limit and message, before decoding.
 Image.MAX_IMAGE_PIXELS = None
@@ -47,7 +51,7 @@ class DecodedImage:
     width: int
     height: int
     rgb: Image.Image  # oriented, RGB, at most about twice the working size: what the model sees
-    served_bytes: bytes  # the original as served: EXIF orientation applied and GPS removed where needed
+    served_bytes: bytes  # the original as served: without location (JPEG: metadata only; else re-encoded upright)
     served_is_original: bool
 
 
@@ -67,8 +71,8 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, working_size: int
     With `working_size`, `rgb` is decoded no larger than needed for a shorter side of at least
     that many pixels (less than twice it): JPEGs are decoded at 1/2, 1/4 or 1/8 scale by the
     decoder itself, other formats box-reduced after decoding. `width` and `height` stay the
-    original's. A JPEG whose served copy must be re-encoded (rotated, or carrying a location) is
-    decoded whole for that copy."""
+    original's. An image whose served copy is re-encoded (a PNG or WebP with an EXIF rotation or a
+    location, a JPEG whose metadata cannot be cleaned) is decoded whole for that copy."""
     if not data:
         raise RejectedImage("The file is empty.", "empty")
     if len(data) > max_bytes:
@@ -164,6 +168,14 @@ def _has_location(image: Image.Image) -> bool:
     return b"GPS" in xmp
 
 
+def decode_upload(data: bytes, settings: Settings) -> DecodedImage:
+    """`decode_image` with the gallery's limits and working size: what an upload and an image
+    query both go through, so the same bytes give the same vector."""
+    return decode_image(
+        data, settings.max_upload_bytes, settings.max_image_pixels, working_size_for(settings.thumbnail_size)
+    )
+
+
 def _reduced(image: Image.Image, working_size: int) -> Image.Image:
     """`image` box-reduced by the largest whole factor that keeps its shorter side ≥ working_size."""
     factor = min(image.size) // working_size
@@ -203,7 +215,7 @@ def _jpeg_without_location(data: bytes) -> bytes | None:
                 try:
                     exif = Image.Exif()
                     exif.load(payload)
-                    exif.get_ifd(0x8769)  # the camera settings: kept (tobytes() writes the directories loaded)
+                    exif.get_ifd(EXIF_CAMERA_IFD)  # kept: tobytes() writes the directories loaded
                     exif.pop(EXIF_GPS_IFD, None)
                     clean = exif.tobytes()
                 except Exception:  # metadata Pillow cannot rewrite: the caller re-encodes

@@ -22,7 +22,14 @@ from sqlmodel import Session
 from clipgallery import storage as files
 from clipgallery.embedding import Embedder
 from clipgallery.gallery import gallery_model_id
-from clipgallery.imaging import DecodedImage, RejectedImage, decode_image, make_thumbnail, working_size_for
+from clipgallery.imaging import (
+    DecodedImage,
+    RejectedImage,
+    decode_image,
+    decode_upload,
+    make_thumbnail,
+    working_size_for,
+)
 from clipgallery.models import Image, ImageEmbedding
 from clipgallery.storage import Storage
 
@@ -87,9 +94,7 @@ def prepare_image(
     """Validate and decode; raises RejectedImage. With `embedder`, also the model's input tensor
     (so threads can do this while the model works on the previous batch)."""
     safe_filename = clean_filename(filename)
-    decoded = decode_image(
-        data, settings.max_upload_bytes, settings.max_image_pixels, working_size_for(settings.thumbnail_size)
-    )
+    decoded = decode_upload(data, settings)
     prepared = PreparedImage(
         filename=safe_filename,
         name=((name or "").strip() or default_name(safe_filename))[:MAX_NAME],

@@ -30,7 +30,7 @@ from clipgallery.gallery import (
     model_state_params,
     vector_to_numpy,
 )
-from clipgallery.imaging import DecodedImage, decode_image, working_size_for
+from clipgallery.imaging import DecodedImage, decode_upload
 from clipgallery.models import METRIC_OPERATORS
 
 MAX_OFFSET = 10_000
@@ -384,10 +384,7 @@ def search_text(session: Session, embedder: Embedder, query: str, hybrid: bool |
 def encode_query_image(embedder: Embedder, data: bytes) -> tuple[np.ndarray, DecodedImage]:
     """The query vector of an image given as bytes (validated like an upload; nothing is stored),
     with the decoded image (for a preview)."""
-    settings = embedder.settings
-    decoded = decode_image(
-        data, settings.max_upload_bytes, settings.max_image_pixels, working_size_for(settings.thumbnail_size)
-    )
+    decoded = decode_upload(data, embedder.settings)
     return embedder.encode_images([decoded.rgb])[0], decoded
 
 
