@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageOps
 from sqlalchemy import text
 
-from clipgallery.gallery import count_images, delete_images, get_image
+from clipgallery.gallery import count_images, delete_images, get_image, vector_to_numpy
 from clipgallery.imaging import decode_image, working_size_for
 from clipgallery.ingest import clean_filename, ingest_image
 from tests.conftest import encode, files_on_disk, jpeg, picture
@@ -137,6 +137,23 @@ def test_a_located_jpeg_is_served_with_its_pixels_untouched_and_without_gps(sess
     assert record.sha256 == hashlib.sha256(data).hexdigest()
     with Image.open(storage.path(record.thumbnail_path)) as thumb:
         assert thumb.width < thumb.height  # made from the upright pixels
+
+
+def test_re_embedding_a_served_phone_photo_gives_the_vector_of_its_upload(session, embedder, storage):
+    # The served copy keeps the upload's pixels and orientation, so re-embedding (which reads the
+    # stored file) sees exactly what the upload saw: the vector does not drift.
+    from clipgallery.ingest import reembed_images
+
+    data = _big((1600, 1200), "JPEG", exif=_located(6).tobytes())
+    image_id = ingest_image(session, embedder, storage, data, "phone.jpg").image_id
+
+    def vector() -> np.ndarray:
+        stored = session.execute(text("SELECT embedding FROM image_embeddings WHERE image_id = :i"), {"i": image_id})
+        return vector_to_numpy(stored.scalar_one())
+
+    before = vector()
+    assert reembed_images(session, embedder, storage, [image_id], progress=False) == 1
+    np.testing.assert_allclose(vector(), before, atol=1e-6)
 
 
 def test_a_rotated_jpeg_without_location_is_served_as_uploaded(session, embedder, storage):
