@@ -107,6 +107,7 @@ class BenchOptions:
     # Text queries of the recall curves (a queries CSV: a query or text column); None: the
     # generic prompts of `text_prompts`. Give the queries a trained model is meant for.
     recall_text_queries: Path | None = None
+    recall_query_column: str | None = None  # default: query or text
     halfvec_max: int = 100_000  # halfvec index built for sizes up to this
     chroma_max: int = 100_000
     exact_sql_queries: int = 20
@@ -780,7 +781,7 @@ def recall_text_prompts(options: BenchOptions) -> list[str]:
         return text_prompts(options.text_queries)
     from clipgallery.datasets import load_query_texts
 
-    return load_query_texts(options.recall_text_queries)
+    return load_query_texts(options.recall_text_queries, options.recall_query_column, option="--recall-query-column")
 
 
 def mixture_sigma(base: np.ndarray) -> float:
@@ -1335,6 +1336,7 @@ def run_bench(options: BenchOptions) -> dict:
 
     say = Log(options.progress)
     started = time.perf_counter()
+    recall_prompts = recall_text_prompts(options)  # a bad queries file fails here, not after the ingest stage
     model_dir = bench_model_dir(options)
     files = image_files(options.images, options.image_limit)
     settings = bench_server_settings(options, model_dir)
@@ -1418,19 +1420,21 @@ def run_bench(options: BenchOptions) -> dict:
         report["sizes"] = {}
         for n in options.sizes:
             embedders = {"default": default, "fp32": fp32, "int8": int8, "fp32_text": fp32_text}
-            report["sizes"][str(n)] = run_size(options, server, embedders, base, n, model_dir, files, say)
+            report["sizes"][str(n)] = run_size(
+                options, server, embedders, base, n, model_dir, files, recall_prompts, say
+            )
             report["load_average"][f"after_{n}"] = load_average()
     report["seconds"] = time.perf_counter() - started
     report["load_average"]["end"] = load_average()
     return report
 
 
-def run_size(options, server, embedders: dict, base, n, model_dir, files, say) -> dict:
+def run_size(options, server, embedders: dict, base, n, model_dir, files, recall_prompts: list[str], say) -> dict:
     fp32 = embedders["fp32"]
     say(f"size {n:,}: generating vectors")
     data, sigma = dataset(base, n)
     queries = held_out_queries(base, sigma, options.queries)
-    text_vectors = embedders["fp32_text"].encode_texts(recall_text_prompts(options))
+    text_vectors = embedders["fp32_text"].encode_texts(recall_prompts)
     all_queries = np.concatenate([queries, text_vectors])
     truth = top_k_indices(all_queries, data, K)
     sdb = prepare_size_database(server, fp32, base, n, data, options, say)

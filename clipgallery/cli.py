@@ -374,6 +374,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         changes["model_dir"] = Path(args.model)
     if args.recall_queries:
         changes["recall_text_queries"] = Path(args.recall_queries)
+    if args.recall_query_column:
+        changes["recall_query_column"] = args.recall_query_column
     if args.stages:
         changes["stages"] = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     options = quick_options(**changes) if args.quick else BenchOptions(**changes)
@@ -573,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--recall-queries",
         metavar="CSV",
         help="text queries for the recall curves (a query column), e.g. docs/queries/fashion_label_free.csv",
+    )
+    p.add_argument(
+        "--recall-query-column", help="the column of --recall-queries with the queries (default: query, text)"
     )
     p.add_argument("--rebuild", action="store_true", help="rebuild the kept large databases under .state/bench")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurement")

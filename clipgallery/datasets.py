@@ -232,12 +232,13 @@ def _pick_column(
     )
 
 
-def load_query_texts(csv_path: Path, query_column: str | None = None) -> list[str]:
+def load_query_texts(csv_path: Path, query_column: str | None = None, option: str = "--query-column") -> list[str]:
     """The distinct free-text queries of a queries CSV (the query column as `load_queries_csv`
-    picks it; labels, if any, are not needed), in file order."""
+    picks it; labels, if any, are not needed), in file order. `option`: the command-line option
+    that names the column, for the error message."""
     csv_path = Path(csv_path)
     columns, rows = _read_csv(csv_path)
-    q_col = _pick_column(columns, query_column, QUERY_COLUMNS, "query", "--query-column", csv_path)
+    q_col = _pick_column(columns, query_column, QUERY_COLUMNS, "query", option, csv_path)
     texts = dict.fromkeys(t for t in (" ".join(row[q_col].split()) for row in rows) if t)
     if not texts:
         raise ValueError(f"{csv_path}: no queries")
