@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from clipgallery.bench import BenchOptions, run_bench, write_report
 from clipgallery.cli import build_parser
 from tests.conftest import fresh_database, picture
@@ -98,7 +100,20 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     assert "bench_" not in names.replace("datname", "")
 
 
+def test_a_bad_recall_queries_file_is_refused_before_any_work(tmp_path):
+    queries = tmp_path / "queries.csv"
+    queries.write_text("phrase,label\nshades,Sunglasses\n")
+    options = BenchOptions(recall_text_queries=queries, state_dir=tmp_path / "state", progress=False)
+    with pytest.raises(ValueError, match=r"no query column .*--recall-query-column"):
+        run_bench(options)
+    assert not (tmp_path / "state").exists()  # nothing was created: no model, no database
+    with pytest.raises(ValueError, match="no such file"):
+        run_bench(BenchOptions(recall_text_queries=tmp_path / "missing.csv", progress=False))
+
+
 def test_bench_command_line():
     args = build_parser().parse_args(["bench", "--quick", "--sizes", "10000,100_000", "--rebuild"])
     assert args.quick and args.rebuild and args.sizes == "10000,100_000"
+    args = build_parser().parse_args(["bench", "--recall-queries", "q.csv", "--recall-query-column", "phrase"])
+    assert (args.recall_queries, args.recall_query_column) == ("q.csv", "phrase")
     assert args.func.__name__ == "cmd_bench"
