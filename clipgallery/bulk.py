@@ -22,6 +22,7 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlmodel import Session
 
+from clipgallery.db import deferred_vector_index
 from clipgallery.embedding import Embedder
 from clipgallery.gallery import delete_images, known_file_paths
 from clipgallery.imaging import RejectedImage
@@ -48,6 +49,8 @@ class IndexSummary:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     orphans_removed: int = 0
     seconds: float = 0.0
+    # Set when the run held the vector index back and built it at its end (`deferred_vector_index`).
+    index_build_seconds: float | None = None
 
     @property
     def embedded(self) -> int:
@@ -60,6 +63,8 @@ class IndexSummary:
             f"missing {len(self.missing)}{f' (pruned {self.pruned})' if self.pruned else ''}, "
             f"rejected {len(self.rejected)} in {self.seconds:.1f} s{rate}"
         ]
+        if self.index_build_seconds is not None:
+            lines.append(f"vector index built once at the end, in {self.index_build_seconds:.1f} s")
         lines += [f"rejected {path}: {reason}" for path, reason in self.rejected]
         shown = self.missing[:20]
         lines += [f"missing {path}" for path in shown]
@@ -270,55 +275,65 @@ def index_folder(
 
     replaced_images: set[int] = set()
     bar = tqdm(total=len(work), unit="img", desc="indexing", disable=not progress or not work, dynamic_ncols=True)
-    # Three stages overlap: threads decode the batch after next, one thread runs the model on the
-    # next batch, and this thread stores the current one (files, then one transaction) — storing
-    # took a third of the time when it waited for the model (docs/benchmarks.md). The model
-    # thread takes each batch from the pool itself: when it had to wait for this thread to hand
-    # it over, it sat idle whenever storing a batch took longer than embedding the next.
-    with (
-        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 2))) as pool,
-        ThreadPoolExecutor(max_workers=1) as model_thread,
-    ):
-        batches = list(_batches(work, batch_size))
-        embedding: deque[Future] = deque()
+    # A run that at least doubles the gallery builds the vector index once, at its end.
+    with deferred_vector_index(session, embedder.settings, len(work)) as deferred:
+        # Three stages overlap: threads decode the batch after next, one thread runs the model on the
+        # next batch, and this thread stores the current one (files, then one transaction) — storing
+        # took a third of the time when it waited for the model (docs/benchmarks.md). The model
+        # thread takes each batch from the pool itself: when it had to wait for this thread to hand
+        # it over, it sat idle whenever storing a batch took longer than embedding the next.
+        with (
+            ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 2))) as pool,
+            ThreadPoolExecutor(max_workers=1) as model_thread,
+        ):
+            batches = list(_batches(work, batch_size))
+            embedding: deque[Future] = deque()
 
-        def start(index: int) -> None:
-            if index < len(batches):
-                submitted = [
-                    (str(p), pool.submit(_read_and_prepare, p, st, embedder, mapping, root)) for p, st in batches[index]
-                ]
-                embedding.append(model_thread.submit(_embed_ahead, embedder, submitted))
+            def start(index: int) -> None:
+                if index < len(batches):
+                    submitted = [
+                        (str(p), pool.submit(_read_and_prepare, p, st, embedder, mapping, root))
+                        for p, st in batches[index]
+                    ]
+                    embedding.append(model_thread.submit(_embed_ahead, embedder, submitted))
 
-        start(0)
-        start(1)
-        try:
-            for index in range(len(batches)):
-                prepared_batch, rejected = embedding.popleft().result()
-                start(index + 2)
-                summary.rejected.extend(rejected)
-                if prepared_batch:
-                    outcomes = store_prepared(session, embedder, storage, prepared_batch, before_commit=_record_files)
-                    for outcome, prepared in zip(outcomes, prepared_batch, strict=True):
-                        previous = known.get(prepared.extra["path"])
-                        if previous and previous[2] != outcome.image_id:
-                            replaced_images.add(previous[2])
-                        if outcome.status == "duplicate":
-                            summary.reused += 1
-                        elif previous:
-                            summary.updated += 1
-                        else:
-                            summary.indexed += 1
-                bar.update(len(batches[index]))
-                bar.set_postfix(new=summary.indexed, updated=summary.updated, rejected=len(summary.rejected))
-                if on_progress is not None:
-                    on_progress(min(len(work), (index + 1) * batch_size), len(work), summary)
-        except BaseException:
-            # Stop at once: drop the batches queued for preparing and embedding (their files
-            # are only read; nothing of theirs is stored yet).
-            pool.shutdown(wait=False, cancel_futures=True)
-            model_thread.shutdown(wait=False, cancel_futures=True)
-            raise
-    bar.close()
+            start(0)
+            start(1)
+            try:
+                for index in range(len(batches)):
+                    prepared_batch, rejected = embedding.popleft().result()
+                    start(index + 2)
+                    summary.rejected.extend(rejected)
+                    if prepared_batch:
+                        outcomes = store_prepared(
+                            session, embedder, storage, prepared_batch, before_commit=_record_files
+                        )
+                        for outcome, prepared in zip(outcomes, prepared_batch, strict=True):
+                            previous = known.get(prepared.extra["path"])
+                            if previous and previous[2] != outcome.image_id:
+                                replaced_images.add(previous[2])
+                            if outcome.status == "duplicate":
+                                summary.reused += 1
+                            elif previous:
+                                summary.updated += 1
+                            else:
+                                summary.indexed += 1
+                    bar.update(len(batches[index]))
+                    bar.set_postfix(new=summary.indexed, updated=summary.updated, rejected=len(summary.rejected))
+                    if on_progress is not None:
+                        on_progress(min(len(work), (index + 1) * batch_size), len(work), summary)
+            except BaseException:
+                # Stop at once: drop the batches queued for preparing and embedding (their files
+                # are only read; nothing of theirs is stored yet).
+                pool.shutdown(wait=False, cancel_futures=True)
+                model_thread.shutdown(wait=False, cancel_futures=True)
+                raise
+        bar.close()
+        if deferred and progress:
+            tqdm.write("building the vector index ...")
+        build_started = time.perf_counter()
+    if deferred:
+        summary.index_build_seconds = time.perf_counter() - build_started
 
     if replaced_images:
         _remove_unreferenced_images(session, storage, replaced_images)

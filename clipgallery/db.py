@@ -317,6 +317,96 @@ def migrate(settings: Settings | None = None, revision: str = "head") -> None:
     # Pooled connections opened before the vector extension existed have no vector type
     # adapter: start afresh.
     get_engine(settings).dispose()
+    if revision == "head":
+        # A bulk run killed while it held the vector index back (`deferred_vector_index`).
+        with get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            if ensure_vector_index(connection, settings):
+                log.warning("the vector index was missing (an interrupted bulk run?): rebuilt it")
+
+
+# --- the vector index during large writes ------------------------------------------------------
+
+# pgvector adds a vector to an HNSW graph at 3-6 ms of server CPU here (m 48: each new node
+# rewires up to 96 neighbours' lists, page by page, under WAL), while a build lays out the
+# whole graph in memory at 0.7-0.9 ms per vector (docs/benchmarks.md, "Bulk loads"). So a run
+# that writes at least as many vectors as the gallery holds (and at least this many) drops the
+# index and builds it once at its end; searches meanwhile scan every vector (exact, and cheap at
+# the sizes where a run doubles the gallery quickly).
+DEFERRED_INDEX_MIN_VECTORS = 100
+# Advisory lock: runs that dropped the index hold it shared until they end; the index is built
+# by whoever can take it alone, i.e. the last such run to end (or a start-up after a crash).
+_VECTOR_INDEX_LOCK = 0x636C6970  # "clip"
+DROP_INDEX_LOCK_TIMEOUT = "1s"
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
+
+
+def ensure_vector_index(connection, settings: Settings) -> bool:
+    """Build the HNSW index if it is missing and no run is holding it back (see
+    `deferred_vector_index`). `connection`: a SQLAlchemy connection in autocommit mode. Returns
+    whether it built the index."""
+    from clipgallery.models import HNSW_INDEX_NAME, hnsw_index_statements
+
+    def present() -> bool:
+        return connection.execute(text("SELECT to_regclass(:name)"), {"name": HNSW_INDEX_NAME}).scalar() is not None
+
+    if (
+        present()
+        or not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": _VECTOR_INDEX_LOCK}).scalar()
+    ):
+        return False
+    try:
+        if present():
+            return False
+        for statement in hnsw_index_statements(settings):
+            connection.execute(text(statement))
+        return True
+    finally:
+        connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _VECTOR_INDEX_LOCK})
+
+
+@contextmanager
+def deferred_vector_index(session: Session, settings: Settings, incoming: int) -> Iterator[bool]:
+    """Around a run about to write `incoming` vectors (bulk indexing, re-embedding): when they are
+    at least as many as the vectors stored (and at least DEFERRED_INDEX_MIN_VECTORS), the HNSW
+    index is dropped for the run and built at its end, also when the run fails. Yields whether
+    it was. Commits `session` first: dropping an index waits for every transaction that has read
+    the table, this one's included."""
+    session.commit()
+    with session.get_bind().connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        stored = connection.execute(text("SELECT count(*) FROM image_embeddings")).scalar_one()
+        deferred = incoming >= max(stored, DEFERRED_INDEX_MIN_VECTORS) and _hold_vector_index_back(connection)
+        if deferred:
+            log.info("writing %d vectors (%d stored): the vector index is built once, at the end", incoming, stored)
+        try:
+            yield deferred
+        finally:
+            if deferred:
+                connection.execute(text("SELECT pg_advisory_unlock_shared(:key)"), {"key": _VECTOR_INDEX_LOCK})
+                started = time.perf_counter()
+                if ensure_vector_index(connection, settings):
+                    log.info("vector index built in %.1f s", time.perf_counter() - started)
+
+
+def _hold_vector_index_back(connection) -> bool:
+    """Take the run's shared lock and drop the index; False, changing nothing, when another
+    transaction keeps the table busy for longer than DROP_INDEX_LOCK_TIMEOUT (while the drop
+    waits, every new search would queue behind it)."""
+    from clipgallery.models import HNSW_INDEX_NAME
+
+    connection.execute(text("SELECT pg_advisory_lock_shared(:key)"), {"key": _VECTOR_INDEX_LOCK})
+    try:
+        connection.execute(text(f"SET lock_timeout = '{DROP_INDEX_LOCK_TIMEOUT}'"))
+        connection.execute(text(f"DROP INDEX IF EXISTS {HNSW_INDEX_NAME}"))
+        return True
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+            raise
+        connection.rollback()
+        connection.execute(text("SELECT pg_advisory_unlock_shared(:key)"), {"key": _VECTOR_INDEX_LOCK})
+        log.info("the vector index is in use by a long transaction: kept, and grown row by row")
+        return False
+    finally:
+        connection.execute(text("RESET lock_timeout"))
 
 
 def downgrade(settings: Settings | None = None, revision: str = "base") -> None:

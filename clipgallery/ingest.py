@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from clipgallery import storage as files
+from clipgallery.db import deferred_vector_index
 from clipgallery.embedding import Embedder
 from clipgallery.gallery import gallery_model_id
 from clipgallery.imaging import (
@@ -252,6 +253,13 @@ def ingest_image(
     return store_prepared(session, embedder, storage, [prepared], uploaded_by=uploaded_by)[0]
 
 
+_UPSERT_VECTOR_SQL = (
+    "INSERT INTO image_embeddings (image_id, model_id, embedding) VALUES (:id, :model, :vector) "
+    "ON CONFLICT (image_id) DO UPDATE SET model_id = EXCLUDED.model_id, "
+    "embedding = EXCLUDED.embedding, created_at = now()"
+)
+
+
 def reembed_images(
     session: Session,
     embedder: Embedder,
@@ -292,34 +300,33 @@ def reembed_images(
         todo = sorted(set(image_ids))
     done = 0
     bar = tqdm(total=len(todo), unit="img", desc="re-embedding", disable=not progress or not todo)
-    for start in range(0, len(todo), settings.embed_batch_size):
-        ids = todo[start : start + settings.embed_batch_size]
-        rows = session.execute(select(Image.id, Image.stored_path).where(Image.id.in_(ids))).all()
-        pictures, kept = [], []
-        for image_id, stored_path in rows:
-            try:
-                data = storage.path(stored_path).read_bytes()
-                decoded = decode_image(data, 1 << 62, 1 << 62, working_size_for(settings.thumbnail_size))
-            except (OSError, RejectedImage) as exc:
-                log.warning("cannot re-embed image %s (%s): %s", image_id, stored_path, exc)
-                continue
-            pictures.append(decoded.rgb)
-            kept.append(image_id)
-        if kept:
-            vectors = embedder.encode_images(pictures)
-            for image_id, vector in zip(kept, vectors, strict=True):
-                session.execute(
-                    text(
-                        "INSERT INTO image_embeddings (image_id, model_id, embedding) VALUES (:id, :model, :vector) "
-                        "ON CONFLICT (image_id) DO UPDATE SET model_id = EXCLUDED.model_id, "
-                        "embedding = EXCLUDED.embedding, created_at = now()"
-                    ),
-                    {"id": image_id, "model": model_id, "vector": vector},
-                )
-            session.commit()
-            done += len(kept)
-        bar.update(len(ids))
-        if on_progress is not None:
-            on_progress(min(len(todo), start + len(ids)), len(todo))
-    bar.close()
+    # Re-embedding most of the gallery: the vector index is built once at the end, and comes out
+    # without the dead entries of the replaced vectors.
+    with deferred_vector_index(session, settings, len(todo)):
+        for start in range(0, len(todo), settings.embed_batch_size):
+            ids = todo[start : start + settings.embed_batch_size]
+            rows = session.execute(select(Image.id, Image.stored_path).where(Image.id.in_(ids))).all()
+            pictures, kept = [], []
+            for image_id, stored_path in rows:
+                try:
+                    data = storage.path(stored_path).read_bytes()
+                    decoded = decode_image(data, 1 << 62, 1 << 62, working_size_for(settings.thumbnail_size))
+                except (OSError, RejectedImage) as exc:
+                    log.warning("cannot re-embed image %s (%s): %s", image_id, stored_path, exc)
+                    continue
+                pictures.append(decoded.rgb)
+                kept.append(image_id)
+            if kept:
+                vectors = embedder.encode_images(pictures)
+                for image_id, vector in zip(kept, vectors, strict=True):
+                    session.execute(
+                        text(_UPSERT_VECTOR_SQL),
+                        {"id": image_id, "model": model_id, "vector": vector},
+                    )
+                session.commit()
+                done += len(kept)
+            bar.update(len(ids))
+            if on_progress is not None:
+                on_progress(min(len(todo), start + len(ids)), len(todo))
+        bar.close()
     return done

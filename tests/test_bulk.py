@@ -7,8 +7,10 @@ import time
 import pytest
 from sqlalchemy import text
 
+from clipgallery import db
 from clipgallery.bulk import IndexingError, MetadataMapping, index_folder
 from clipgallery.gallery import known_file_paths
+from clipgallery.models import HNSW_INDEX_NAME, hnsw_index_statements
 from tests.conftest import files_on_disk, jpeg
 
 
@@ -21,6 +23,30 @@ def _make_folder(root, count, start=0):
 
 def _count(session, table):
     return session.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+
+
+def _vector_index(session) -> tuple[int, str] | None:
+    """(oid, definition) of the HNSW index, None when there is none."""
+    session.rollback()
+    row = session.execute(
+        text("SELECT c.oid, pg_get_indexdef(c.oid) FROM pg_class c WHERE c.relname = :name"),
+        {"name": HNSW_INDEX_NAME},
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+def _index_present_at_each_store(monkeypatch, session) -> list[bool]:
+    import clipgallery.bulk as bulk
+
+    seen = []
+    real_store = bulk.store_prepared
+
+    def watching_store(session_, *args, **kwargs):
+        seen.append(_vector_index(session) is not None)
+        return real_store(session_, *args, **kwargs)
+
+    monkeypatch.setattr(bulk, "store_prepared", watching_store)
+    return seen
 
 
 def test_index_then_rerun_skips_everything(tmp_path, session, embedder, storage):
@@ -155,6 +181,9 @@ def test_a_killed_index_run_resumes_and_indexes_every_image_exactly_once(tmp_pat
     # Every file on disk belongs to a row (the killed batch's files were reused by the rerun).
     leftovers = {p for p in files_on_disk(storage) if "/.tmp-" not in p}
     assert leftovers == known_file_paths(session)
+    # The killed run held the vector index back (240 images into an empty gallery): the rerun
+    # built it again.
+    assert _vector_index(session) is not None
 
 
 def test_progress_is_reported_per_batch(tmp_path, session, embedder, storage):
@@ -204,3 +233,83 @@ def test_a_batch_that_cannot_be_stored_stops_the_run_and_keeps_what_was_committe
     assert files_on_disk(storage) == known_file_paths(session)
     # The failed batch, the one embedded beside it, and at most the one being prepared then.
     assert 3 <= len(embedded) <= 5 < 10
+
+
+def test_a_run_that_doubles_the_gallery_builds_the_vector_index_once_at_its_end(
+    tmp_path, settings, session, embedder, storage, monkeypatch
+):
+    """Growing an HNSW graph row by row costs several times a build (docs/benchmarks.md): a run
+    writing at least as many vectors as are stored drops the index and builds it at its end; a
+    smaller run keeps it. Searches work throughout."""
+    from clipgallery.search import search_text
+
+    monkeypatch.setattr(db, "DEFERRED_INDEX_MIN_VECTORS", 6)
+    before = _vector_index(session)
+    present = _index_present_at_each_store(monkeypatch, session)
+    _make_folder(tmp_path / "first", 12)
+    first = index_folder(session, embedder, storage, tmp_path / "first", progress=False, batch_size=4)
+    assert first.indexed == 8 and present == [False, False]
+    assert first.index_build_seconds is not None and any("vector index built" in line for line in first.lines())
+    rebuilt = _vector_index(session)
+    assert rebuilt is not None and rebuilt[0] != before[0]
+    # The settings' definition (metric, m, ef_construction), as the migration makes it.
+    assert rebuilt[1] == before[1] and f"m='{settings.hnsw_m}'" in rebuilt[1]
+    assert hnsw_index_statements(settings)[0].split(" USING ")[1].split(" WITH ")[0] in rebuilt[1]
+    assert len(search_text(session, embedder, "a photo").hits) == 8
+
+    # 6 new images beside 8 stored: the index stays and grows.
+    present.clear()
+    _make_folder(tmp_path / "second", 6, start=100)
+    second = index_folder(session, embedder, storage, tmp_path / "second", progress=False, batch_size=4)
+    assert second.indexed == 4 and present == [True]
+    assert second.index_build_seconds is None and _vector_index(session) == rebuilt
+
+
+def test_a_failed_run_still_builds_the_vector_index_it_held_back(tmp_path, session, embedder, storage, monkeypatch):
+    import clipgallery.bulk as bulk
+
+    monkeypatch.setattr(db, "DEFERRED_INDEX_MIN_VECTORS", 4)
+    real_store = bulk.store_prepared
+    stored = []
+
+    def failing_store(session_, *args, **kwargs):
+        if stored:
+            raise RuntimeError("disk full")
+        stored.append(_vector_index(session))
+        return real_store(session_, *args, **kwargs)
+
+    monkeypatch.setattr(bulk, "store_prepared", failing_store)
+    _make_folder(tmp_path / "pics", 12)
+    with pytest.raises(RuntimeError, match="disk full"):
+        index_folder(session, embedder, storage, tmp_path / "pics", recursive=True, progress=False, batch_size=4)
+    assert stored == [None]  # held back while the run wrote
+    assert _vector_index(session) is not None
+
+
+def test_the_vector_index_is_built_by_the_last_run_holding_it_back_or_at_the_next_start(settings, session):
+    """Runs holding the index back share an advisory lock: a start-up (`db.migrate`) meanwhile
+    leaves the index to them, and builds it when a run died without doing so."""
+    with db.deferred_vector_index(session, settings, incoming=500) as deferred:
+        assert deferred and _vector_index(session) is None
+        db.migrate(settings)
+        assert _vector_index(session) is None
+    assert _vector_index(session) is not None
+
+    with db.get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text(f"DROP INDEX {HNSW_INDEX_NAME}"))  # what a run killed mid-way leaves
+    db.migrate(settings)
+    assert _vector_index(session) is not None
+
+
+def test_a_long_transaction_on_the_vectors_keeps_the_index_in_place(settings, session):
+    """Dropping the index waits for every transaction that read the table, and every new search
+    would queue behind that wait: after DROP_INDEX_LOCK_TIMEOUT the run gives up and keeps it."""
+    before = _vector_index(session)
+    with db.session_scope(settings) as reader:
+        reader.execute(text("SELECT count(*) FROM image_embeddings")).scalar_one()  # transaction left open
+        started = time.monotonic()
+        with db.deferred_vector_index(session, settings, incoming=500) as deferred:
+            assert not deferred
+        assert time.monotonic() - started < 10
+        reader.rollback()
+    assert _vector_index(session) == before

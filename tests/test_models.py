@@ -146,7 +146,12 @@ def test_missing_model_gives_a_clear_message_and_the_status_still_answers(settin
     assert status.database_ok and not status.model_ok and status.image_count == 0
 
 
-def test_another_model_is_refused_until_reembed(settings, session, embedder, storage, other_model_dir):
+def test_another_model_is_refused_until_reembed(settings, session, embedder, storage, other_model_dir, monkeypatch):
+    from clipgallery import db
+    from clipgallery.models import HNSW_INDEX_NAME
+
+    index_oid = "SELECT to_regclass(:name)::oid"
+    monkeypatch.setattr(db, "DEFERRED_INDEX_MIN_VECTORS", 2)  # re-embedding the whole gallery
     for seed in range(5):
         ingest_image(session, embedder, storage, jpeg(seed), f"{seed}.jpg")
     other = Embedder(settings.with_overrides(model_name=str(other_model_dir)))
@@ -157,9 +162,12 @@ def test_another_model_is_refused_until_reembed(settings, session, embedder, sto
         ingest_image(session, other, storage, jpeg(99), "new.jpg")
     assert "clipgallery reembed" in gallery_status(other.settings, load_model=True).model_detail
 
+    index_before = session.execute(text(index_oid), {"name": HNSW_INDEX_NAME}).scalar()
     assert reembed_images(session, other, storage, progress=False) == 5
     models = session.execute(text("SELECT DISTINCT model_id FROM image_embeddings")).scalars().all()
     assert len(models) == 1
+    # Built anew once the vectors were replaced (not grown by five updates with dead entries).
+    assert session.execute(text(index_oid), {"name": HNSW_INDEX_NAME}).scalar() not in (None, index_before)
     page = search_image_bytes(session, other, jpeg(3), k=1)
     assert page.hits[0].distance == pytest.approx(0, abs=1e-5)
     with pytest.raises(ModelMismatchError):
