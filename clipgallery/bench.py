@@ -2049,7 +2049,8 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             "vector-only text search (`hybrid=False`), and all torch threads for each query "
             "(`CLIPGALLERY_QUERY_THREADS=0`). Stored names are `<query subject> item <n>` (`bench.bench_name`): "
             "each subject is in 5 % of the rows, so every text query's full-text side ranks "
-            f"{KEYWORD_SCAN_LIMIT} matches (its cap) at 100k — the heavy case, not the free one of names "
+            f"{KEYWORD_SCAN_LIMIT} matches of each subject word (the cap per word) at 100k — the heavy case, "
+            "not the free one of names "
             "nothing matches. The full-text side runs while the query is being encoded (`search.search_text`).",
             "",
         ]

@@ -149,11 +149,14 @@ def search_sql(
     )
 
 
-# The keyword side ranks at most KEYWORD_SCAN_LIMIT matching images, drawn from a random sample of
-# about GIN_FUZZY_SEARCH_LIMIT (PostgreSQL's gin_fuzzy_search_limit) when a word has more matches.
-# A word shared by thousands of images says little about any one of them, and listing and ranking
-# all its matches cost 5x the whole vector search at 1M images (docs/benchmarks.md); rarer words
-# keep every match.
+# The keyword side ranks at most KEYWORD_SCAN_LIMIT matching images per word of the query, each
+# word's drawn from a random sample of about GIN_FUZZY_SEARCH_LIMIT (PostgreSQL's
+# gin_fuzzy_search_limit) when it has more matches. A word shared by thousands of images says
+# little about any one of them, and listing and ranking all its matches cost 5x the whole vector
+# search at 1M images (docs/benchmarks.md); rarer words keep every match. Per word, not per
+# query: GIN samples only when every word of its query is frequent, so one rare word made the
+# frequent one's every match be listed (10-17 ms at 1M images, 5-7 per word); and a cap on the whole OR query
+# filled up with the frequent word's matches before the rare word's, which are the best ones.
 KEYWORD_SCAN_LIMIT = 300
 GIN_FUZZY_SEARCH_LIMIT = 1000
 # Words of a query, for the keyword side of hybrid search. At most 32: the rest adds nothing.
@@ -176,7 +179,7 @@ WORDS_CTE_SQL = (
     "AND c.word IS NOT NULL AND c.frequency > :common_fraction), "
     "words AS ("
     "SELECT coalesce(to_tsquery('simple', string_agg(chr(39) || w.lexeme || chr(39), ' | ')), ''::tsquery) "
-    "AS query "
+    "AS query, array_agg(w.lexeme) AS lexemes "
     "FROM unnest(to_tsvector('english', :keywords)) AS w "
     "WHERE strpos(w.lexeme, chr(39)) = 0 AND strpos(w.lexeme, chr(92)) = 0 "
     "AND w.lexeme NOT IN (SELECT word FROM common_words))"
@@ -198,16 +201,20 @@ def keyword_ranking_sql(
     keyword_scan: int = KEYWORD_SCAN_LIMIT,
 ) -> str:
     """The keyword side of hybrid search: the ids of the `depth` images whose names and
-    descriptions best match the query's words (:keywords), best first (ts_rank_cd). Filters and
-    the excluded image apply here; the model and the similarity threshold apply to every fused
-    row (`hybrid_search_sql`): joining each match to its vector would cost more than the ranking."""
-    keyword_where = " AND ".join(["i.search_document @@ words.query", *extra_conditions])
+    descriptions best match the query's words (:keywords), best first (ts_rank_cd over all the
+    words), drawn from up to `keyword_scan` matches of each word. Filters and the excluded image
+    apply here; the model and the similarity threshold apply to every fused row
+    (`hybrid_search_sql`): joining each match to its vector would cost more than the ranking."""
+    word_where = " AND ".join(
+        ["i.search_document @@ to_tsquery('simple', chr(39) || l.lexeme || chr(39))", *extra_conditions]
+    )
     if with_exclude:
-        keyword_where += " AND i.id <> :exclude"
+        word_where += " AND i.id <> :exclude"
     return (
         f"WITH {WORDS_CTE_SQL}, "
         "keyword_matches AS ("
-        f"SELECT i.id, i.search_document FROM images i, words WHERE {keyword_where} LIMIT {int(keyword_scan)}) "
+        "SELECT DISTINCT ON (m.id) m.id, m.search_document FROM words, unnest(words.lexemes) AS l(lexeme), "
+        f"LATERAL (SELECT i.id, i.search_document FROM images i WHERE {word_where} LIMIT {int(keyword_scan)}) m) "
         "SELECT m.id FROM keyword_matches m, words "
         f"ORDER BY ts_rank_cd(m.search_document, words.query) DESC, m.id LIMIT {int(depth)}"
     )

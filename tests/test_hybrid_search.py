@@ -147,3 +147,22 @@ def test_hybrid_search_uses_the_hnsw_index_on_thousands_of_rows(session, embedde
     # Equal RRF terms interleave the two rankings (a text match that is also a near vector wins).
     assert ids[0] in [h.id for h in page.hits[:3]]
     assert sum(h.text_match for h in page.hits) >= 5
+
+
+def test_a_rare_word_of_the_query_is_not_crowded_out_by_a_frequent_one(session, embedder):
+    """The keyword side lists up to `keyword_scan` matches per word: the two images matching the
+    rare word "velvet" are found, and ranked first (they match both words), however many images
+    before them in the table share "dress". Capping the whole OR query instead filled the cap
+    with the first "dress" rows."""
+    model_id = gallery_model_id(session, embedder)
+    vectors = np.random.default_rng(2).normal(size=(60, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = insert_synthetic_images(
+        session, model_id, vectors, description_sql="CASE WHEN g > 58 THEN 'velvet dress' ELSE 'dress' END"
+    )
+    keyword_sql = keyword_ranking_sql(with_exclude=False, depth=10, keyword_scan=20)
+    # common_fraction 1: no word is left out as too common, whatever the statistics say.
+    params = {"keywords": keyword_query("a velvet dress"), "common_fraction": 1.0}
+    keyword_ids = list(session.execute(text(keyword_sql), params).scalars())
+    assert keyword_ids[:2] == ids[58:] and len(keyword_ids) == 10
+    assert set(keyword_ids[2:]) <= set(ids[:58])
