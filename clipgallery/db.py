@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session
 
 from clipgallery.config import PROJECT_ROOT, Settings, get_settings
@@ -326,9 +326,9 @@ def migrate(settings: Settings | None = None, revision: str = "head") -> None:
 
 # --- the vector index during large writes ------------------------------------------------------
 
-# pgvector adds a vector to an HNSW graph at 3-6 ms of server CPU here (m 48: each new node
+# pgvector adds a vector to an HNSW graph at 2.5-6.5 ms of server CPU here (m 48: each new node
 # rewires up to 96 neighbours' lists, page by page, under WAL), while a build lays out the
-# whole graph in memory at 0.7-0.9 ms per vector (docs/benchmarks.md, "Bulk loads"). So a run
+# whole graph in memory at 0.6-0.9 ms per vector (docs/scaling.md, "Bulk loads"). So a run
 # that writes at least as many vectors as the gallery holds (and at least this many) drops the
 # index and builds it once at its end; searches meanwhile scan every vector (exact, and cheap at
 # the sizes where a run doubles the gallery quickly).
@@ -388,9 +388,10 @@ def deferred_vector_index(session: Session, settings: Settings, incoming: int) -
 
 
 def _hold_vector_index_back(connection) -> bool:
-    """Take the run's shared lock and drop the index; False, changing nothing, when another
-    transaction keeps the table busy for longer than DROP_INDEX_LOCK_TIMEOUT (while the drop
-    waits, every new search would queue behind it)."""
+    """Take the run's shared lock and drop the index; False, changing nothing, when that cannot
+    be done: another transaction keeps the table busy for longer than DROP_INDEX_LOCK_TIMEOUT
+    (while the drop waits, every new search would queue behind it), or the database role may
+    write rows but not drop indexes (a deployment whose migrations run as another role)."""
     from clipgallery.models import HNSW_INDEX_NAME
 
     connection.execute(text("SELECT pg_advisory_lock_shared(:key)"), {"key": _VECTOR_INDEX_LOCK})
@@ -398,12 +399,14 @@ def _hold_vector_index_back(connection) -> bool:
         connection.execute(text(f"SET lock_timeout = '{DROP_INDEX_LOCK_TIMEOUT}'"))
         connection.execute(text(f"DROP INDEX IF EXISTS {HNSW_INDEX_NAME}"))
         return True
-    except OperationalError as exc:
-        if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
             raise
         connection.rollback()
         connection.execute(text("SELECT pg_advisory_unlock_shared(:key)"), {"key": _VECTOR_INDEX_LOCK})
-        log.info("the vector index is in use by a long transaction: kept, and grown row by row")
+        busy = getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
+        reason = "in use by a long transaction" if busy else f"not droppable here ({exc.orig})"
+        log.info("the vector index is %s: kept, and grown row by row", reason)
         return False
     finally:
         connection.execute(text("RESET lock_timeout"))

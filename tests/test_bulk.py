@@ -313,3 +313,32 @@ def test_a_long_transaction_on_the_vectors_keeps_the_index_in_place(settings, se
         assert time.monotonic() - started < 10
         reader.rollback()
     assert _vector_index(session) == before
+
+
+def test_a_role_that_may_write_rows_but_not_drop_indexes_keeps_the_index(settings, session):
+    """A deployment whose migrations run as the tables' owner and the app as a plain writer: the
+    run cannot drop the index, so it keeps it (and grows it row by row) instead of failing."""
+    from sqlalchemy.engine import make_url
+
+    role = f"gallery_writer_{os.getpid()}"
+    session.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+    session.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"'))
+    session.execute(text(f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}"'))
+    session.commit()
+    writer = settings.with_overrides(
+        database_url=make_url(settings.database_url).set(username=role).render_as_string(False)
+    )
+    try:
+        before = _vector_index(session)
+        with (
+            db.session_scope(writer) as writer_session,
+            db.deferred_vector_index(writer_session, writer, incoming=500) as deferred,
+        ):
+            assert not deferred
+        assert _vector_index(session) == before
+    finally:
+        db.dispose_engine(writer)
+        session.rollback()
+        session.execute(text(f'DROP OWNED BY "{role}"'))
+        session.execute(text(f'DROP ROLE "{role}"'))
+        session.commit()
