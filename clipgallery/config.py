@@ -15,9 +15,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 METRICS = ("cosine", "l2", "ip", "l1")
 # Numeric precision of the image tower: fp32 as trained, bf16, or int8 (dynamic quantisation
-# of its Linear layers); and of the text tower: fp32 or bf16. "auto" is bf16 where the CPU
-# multiplies bf16 natively (AVX512-BF16/AMX: 2.5-4x faster, vectors within cosine 0.9999 of
-# fp32), else fp32. See clipgallery.embedding and docs/benchmarks.md.
+# of its Linear layers); and of the text tower: fp32 or bf16. "auto" picks the fastest the CPU has
+# natively within the fidelity criterion (embedding.resolve_precision): for images bf16 with AMX,
+# else int8 with VNNI, else fp32; for text queries bf16 wherever bf16 is native, else fp32.
+# Vectors stay within cosine 0.999 of fp32. See docs/benchmarks.md.
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 TEXT_PRECISIONS = ("auto", "fp32", "bf16")
 THUMBNAIL_FORMATS = ("jpeg", "webp")

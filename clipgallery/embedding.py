@@ -158,6 +158,7 @@ class Embedder:
         self._preprocess = None
         self._tokenizer = None
         self._identity: ModelIdentity | None = None
+        self._precisions = ("fp32", "fp32")  # (image tower, text tower) in force, once loaded
         self._error: ModelUnavailableError | None = None
         self._query_queue: list[tuple[torch.Tensor, Future]] = []
         self._query_queue_lock = threading.Lock()
@@ -246,20 +247,24 @@ class Embedder:
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        image_precision = resolve_precision(self.settings.precision)
+        import open_clip.transformer
+
+        transformer = isinstance(model.visual, open_clip.transformer.VisionTransformer)
+        image_precision = resolve_precision(self.settings.precision, "image", transformer)
         if image_precision == "int8":
             model = quantize_int8(model)
         elif image_precision == "bf16":
             model = to_bf16(model, towers=("image",))
         traced = trace_image_tower(model.visual) if self.settings.trace_image_tower else None
         self._image_tower = traced if traced is not None else model.visual
-        text_precision = resolve_precision(self.settings.text_precision)
+        text_precision = resolve_precision(self.settings.text_precision, "text")
         if text_precision == "bf16":
             model = to_bf16(model, towers=("text",))
         dimension = int(getattr(model, "embed_dim", 0) or spec.dimension)
         self._preprocess = fused_tensor_conversion(preprocess)
         self._tokenizer = tokenizer
         self._identity = ModelIdentity(spec.architecture, weights_id, dimension)
+        self._precisions = (image_precision, text_precision)
         self._set_text_tower(model)
         self._model = model
         log.info(
@@ -280,6 +285,7 @@ class Embedder:
         other._model, other._image_tower, other._text_tower = self._model, self._image_tower, self._text_tower
         other._threads = self._threads
         other._preprocess, other._tokenizer, other._identity = self._preprocess, self._tokenizer, self._identity
+        other._precisions = self._precisions
         if other.settings.trace_text_tower != self.settings.trace_text_tower:
             other._set_text_tower(self._model)
         return other
@@ -301,6 +307,12 @@ class Embedder:
         self.load()
         assert self._identity is not None
         return self._identity
+
+    @property
+    def precisions(self) -> tuple[str, str]:
+        """(image tower, text tower) precision in force: the settings with "auto" resolved."""
+        self.load()
+        return self._precisions
 
     def status(self) -> tuple[bool, str]:
         """(ok, human-readable detail); tries to load the model if that has not been tried yet."""
@@ -685,10 +697,62 @@ def fused_tensor_conversion(preprocess):
     return run
 
 
+def _patch_embedding_module():
+    import torch
+
+    class PatchEmbeddingLinear(torch.nn.Module):
+        """A ViT's patch embedding (a Conv2d whose kernel is its stride, no padding) as a Linear
+        layer over the flattened patches, which dynamic quantisation then turns into int8. Same
+        output shape and values as the convolution (up to float rounding)."""
+
+        def __init__(self, conv: torch.nn.Conv2d) -> None:
+            super().__init__()
+            self.patch = conv.kernel_size[0]
+            self.out_channels = conv.out_channels
+            self.linear = torch.nn.Linear(
+                conv.in_channels * self.patch * self.patch, conv.out_channels, bias=conv.bias is not None
+            )
+            with torch.no_grad():
+                self.linear.weight.copy_(conv.weight.reshape(conv.out_channels, -1))
+                if conv.bias is not None:
+                    self.linear.bias.copy_(conv.bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            batch, channels, height, width = x.shape
+            k = self.patch
+            rows, columns = height // k, width // k
+            patches = (
+                x[:, :, : rows * k, : columns * k]
+                .reshape(batch, channels, rows, k, columns, k)
+                .permute(0, 2, 4, 1, 3, 5)
+                .reshape(batch, rows * columns, channels * k * k)
+            )
+            # A view in the convolution's layout: the caller's flatten + permute gets the Linear's
+            # contiguous output back without a copy.
+            return self.linear(patches).transpose(1, 2).unflatten(2, (rows, columns))
+
+    return PatchEmbeddingLinear
+
+
+def _is_patch_embedding(conv) -> bool:
+    import torch
+
+    return (
+        isinstance(conv, torch.nn.Conv2d)
+        and conv.kernel_size == conv.stride
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
+
+
 def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
     """Dynamic int8 quantisation of every Linear layer (weights int8, activations quantised per
     batch at run time; VNNI/AMX kernels on x86). Self-attention projections are first turned into
-    Linear layers so they are quantised too. Vectors stay within cos 0.99+ of fp32 (see
+    Linear layers so they are quantised too, and so is a ViT's patch embedding (a convolution
+    that took 7 % of the int8 tower's time in fp32; as an int8 Linear the tower runs 1.15x
+    faster, vectors as close to fp32 as before: docs/benchmarks.md). Vectors stay within cos 0.99+ of fp32 (see
     tests/test_embedding_precision.py and docs/benchmarks.md). CPU only; returns the model.
 
     `towers`: "image" (the model's `visual`), "text" (everything else). CLIPGALLERY_PRECISION=int8
@@ -714,6 +778,15 @@ def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
             and chosen(name)
         ):
             module.attn = attention(module.attn)
+    patch_embedding = _patch_embedding_module()
+    vision_towers = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, open_clip.transformer.VisionTransformer) and chosen(name)
+    ]
+    for tower in vision_towers:
+        if _is_patch_embedding(tower.conv1):
+            tower.conv1 = patch_embedding(tower.conv1)
     # ResNet towers' attention pooling reads its q/k/v Linear layers' weights directly (it never
     # calls them): those stay in fp32.
     weight_readers = [
@@ -742,20 +815,48 @@ def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
     return model
 
 
-def resolve_precision(requested: str) -> str:
-    """A tower's precision setting in force: "auto" -> "bf16" where this CPU has native bf16
-    matrix instructions (oneDNN says so), else "fp32"."""
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, as oneDNN reports it) and
+    torch's build has the oneDNN operators the packed bf16 layers use (`_packed_bf16_linear`)."""
     import torch
 
+    try:
+        torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise  # noqa: B018
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _has_cpu_feature(name: str) -> bool:
+    import torch
+
+    probe = getattr(torch.cpu, f"_is_{name}_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def resolve_precision(requested: str, tower: str = "image", transformer: bool = True) -> str:
+    """A tower's precision setting in force. "auto" picks what is fastest on this CPU within the
+    fidelity criterion (top-10 overlap with fp32 >= 0.9, eval mAP within 1 point; docs/benchmarks.md):
+
+    - text tower (one short query at a time: streaming the weights is the cost, so halving their
+      bytes is what counts): bf16 where the CPU has it natively, else fp32.
+    - image tower (batches: arithmetic is the cost): bf16 with AMX tiles (Intel Sapphire Rapids
+      and later; ViT-B/32 model only 108 img/s vs int8's 56 on such a Xeon); else, for a vision
+      `transformer` (its time is in Linear layers, which int8 quantises), int8 where the CPU has
+      int8 dot products (VNNI; AMD Zen 4: 64 img/s vs bf16's 42 and fp32's 19); else bf16 where
+      native (a convolutional tower: int8 leaves its convolutions in fp32, bf16 does not); else fp32."""
     if requested != "auto":
         return requested
-    try:
-        # The packed layers (`_packed_bf16_linear`) use these oneDNN operators of torch's CPU build.
-        torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise  # noqa: B018
-        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bf16" if native else "fp32"
+    if tower == "text":
+        return "bf16" if native_bf16() else "fp32"
+    if native_bf16() and _has_cpu_feature("amx_tile"):
+        return "bf16"
+    if transformer and _has_cpu_feature("vnni"):
+        return "int8"
+    return "bf16" if native_bf16() else "fp32"
 
 
 # The oneDNN call as TorchScript: its empty `Scalar?[]` argument is a type the tracer cannot record

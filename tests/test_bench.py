@@ -10,6 +10,7 @@ import pytest
 
 from clipgallery.bench import BenchOptions, run_bench, write_report
 from clipgallery.cli import build_parser
+from clipgallery.embedding import native_bf16
 from tests.conftest import fresh_database, picture
 
 
@@ -86,7 +87,12 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     assert set(data["fidelity"]) == precisions - {"fp32"}
     assert 0.0 <= data["fidelity"]["int8"]["image_top10_overlap"] <= 1.0
     # The shipped text tower (bf16 on CPUs with native bf16) beside fp32, in latency and fidelity.
-    assert {"text_default", "text_fp32_text", "repeated_default", "image_default", "image_int8"} <= set(size["service"])
+    service = set(size["service"])
+    assert {"text_default", "text_fp32_text", "repeated_default", "image_default", "image_other"} <= service
+    # Beside the default image tower, the reduced precision that is not the default (int8 without bf16).
+    others = {"int8", "bf16"} - {data["image_precision"]} if native_bf16() else {"int8"}
+    assert data["other_image_precision"] in others
+    assert f"| {data['other_image_precision']} image tower |" in text
     assert {"fp32/1", "int8/1"} <= set(data["text_tower"])
     (trained,) = data["trained_models"]
     if data["text_precision"] == "bf16":

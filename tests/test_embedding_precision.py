@@ -1,4 +1,4 @@
-"""CLIPGALLERY_PRECISION: int8 dynamic quantisation stays close to fp32; fp32 stays the default.
+"""CLIPGALLERY_PRECISION: int8 dynamic quantisation and bf16 stay close to fp32; "auto" picks per CPU.
 CLIPGALLERY_TEXT_PRECISION: the bf16 text tower stays close to fp32 and leaves images alone."""
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ from clipgallery.embedding import (
     _self_attention_module,
     encode_text_to_end_token,
     fused_tensor_conversion,
+    native_bf16,
     quantize_int8,
     resolve_precision,
     to_bf16,
 )
 from tests.conftest import picture
 
-needs_native_bf16 = pytest.mark.skipif(
-    resolve_precision("auto") != "bf16", reason="this CPU has no native bf16 (the default stays fp32 there)"
-)
+needs_native_bf16 = pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16")
 
 
 def test_auto_is_the_default_and_the_setting_is_parsed(monkeypatch):
@@ -57,10 +56,26 @@ def test_quantize_int8_reaches_every_linear_layer(tiny_model_dir):
     visual = model.visual
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in visual.modules())
     assert [name for name, m in visual.named_modules() if type(m) is torch.nn.Linear] == []
+    # The patch embedding too: a convolution before, an int8 Linear over the patches now.
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in visual.modules())
     # The text tower stays fp32 (query vectors exactly as before) unless asked for.
     assert any(isinstance(m, torch.nn.MultiheadAttention) for m in model.transformer.modules())
     quantize_int8(model, towers=("text",))
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
+
+
+@pytest.mark.parametrize("size", [(224, 224), (230, 250)])
+def test_patch_embedding_as_a_linear_layer_equals_the_convolution(size):
+    from clipgallery.embedding import _is_patch_embedding, _patch_embedding_module
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 64, kernel_size=32, stride=32, bias=False)
+    assert _is_patch_embedding(conv) and not _is_patch_embedding(torch.nn.Conv2d(3, 64, 3, padding=1))
+    pixels = torch.randn(2, 3, *size)
+    with torch.inference_mode():
+        expected, got = conv(pixels), _patch_embedding_module()(conv)(pixels)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-4)
 
 
 def test_int8_vectors_are_close_to_fp32(tiny_model_dir):
@@ -88,8 +103,33 @@ def test_text_precision_setting(monkeypatch):
     monkeypatch.setenv("CLIPGALLERY_TEXT_PRECISION", "int8")
     with pytest.raises(ConfigError, match="CLIPGALLERY_TEXT_PRECISION"):
         load_settings()
-    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
-    assert resolve_precision("auto") in ("fp32", "bf16")
+    assert resolve_precision("fp32", "text") == "fp32" and resolve_precision("bf16", "text") == "bf16"
+    assert resolve_precision("auto", "text") in ("fp32", "bf16")
+    assert resolve_precision("auto", "image") in ("fp32", "bf16", "int8")
+
+
+@pytest.mark.parametrize(
+    ("bf16", "amx", "vnni", "vit", "resnet", "text"),
+    [
+        (True, True, True, "bf16", "bf16", "bf16"),  # Intel Sapphire Rapids and later
+        (True, False, True, "int8", "bf16", "bf16"),  # AMD Zen 4, Intel Cooper Lake
+        (False, False, True, "int8", "fp32", "fp32"),  # AVX512-VNNI / AVX-VNNI without bf16
+        (False, False, False, "fp32", "fp32", "fp32"),  # plain AVX2, or not x86
+    ],
+)
+def test_auto_precision_follows_the_cpu_and_the_tower(monkeypatch, bf16, amx, vnni, vit, resnet, text):
+    """Each tower gets what is fastest on the CPU: batches of images are arithmetic-bound (AMX bf16;
+    else VNNI int8 for a ViT, whose time is in Linear layers, and bf16 for a ResNet, whose
+    convolutions int8 leaves alone), a single text query weight-bound (bf16 halves the bytes)."""
+    import clipgallery.embedding as embedding
+
+    features = {"amx_tile": amx, "vnni": vnni}
+    monkeypatch.setattr(embedding, "native_bf16", lambda: bf16)
+    monkeypatch.setattr(embedding, "_has_cpu_feature", lambda name: features[name])
+    assert resolve_precision("auto", "image", transformer=True) == vit
+    assert resolve_precision("auto", "image", transformer=False) == resnet
+    assert resolve_precision("auto", "text") == text
+    assert resolve_precision("fp32", "image") == "fp32"
 
 
 TEXTS = ["a dog on a beach", "red car", "", "an old photograph of a church in the snow " * 3, "sneakers"]
@@ -189,7 +229,7 @@ def test_towers_that_cannot_be_traced_run_eagerly(tiny_model_dir, monkeypatch, c
     Linear layers packed, as without tracing), with a warning, and gives the same vectors."""
     images = [picture(seed, (120, 90)) for seed in range(3)]
     texts = ["a dog", "a red dress with long sleeves", ""]
-    precision = "bf16" if resolve_precision("auto") == "bf16" else "fp32"
+    precision = "bf16" if native_bf16() else "fp32"
     traced = Embedder(Settings(model_name=str(tiny_model_dir), precision=precision))
     expected = traced.encode_images(images)
     expected_texts = traced.encode_texts(texts)

@@ -51,6 +51,12 @@ def test_submit_text_encodes_in_the_background_only_when_the_text_tower_is_free(
     assert results[0].done() and results[0].result().shape == expected.shape
 
 
+# An image searched for alone against its vector stored from a batch: not exactly 0 where the image
+# tower is int8 (the default on CPUs without AMX), which quantises a pass's activations with one
+# scale for the whole pass (measured 4e-5 here).
+SAME_IMAGE_DISTANCE = 2e-4
+
+
 def test_an_image_batch_runs_as_one_single_threaded_pass_per_core(settings, monkeypatch):
     """With 2 torch threads a batch of 16 runs as two 1-thread passes of 8 side by side (no barrier
     after every operation), and gives the vectors one pass over the whole batch gives."""
@@ -70,7 +76,10 @@ def test_an_image_batch_runs_as_one_single_threaded_pass_per_core(settings, monk
     assert passes == [(8, 1), (8, 1)]
     with torch.inference_mode():
         whole = one_pass(pixels)
-    assert split.shape == whole.shape and np.min(np.sum(split * whole, axis=1)) >= 0.9999
+    # Dynamic int8 quantises a pass's activations with one scale for the whole pass, so an image's
+    # vector moves slightly with its batch-mates (cosine 0.9998 here); other precisions do not.
+    closeness = 0.999 if embedder.precisions[0] == "int8" else 0.9999
+    assert split.shape == whole.shape and np.min(np.sum(split * whole, axis=1)) >= closeness
     passes.clear()
     embedder.encode_preprocessed(pixels[:12])  # too few images for two parts of 8
     assert passes == [(12, 2)]
@@ -169,7 +178,7 @@ def test_another_model_is_refused_until_reembed(settings, session, embedder, sto
     # Built anew once the vectors were replaced (not grown by five updates with dead entries).
     assert session.execute(text(index_oid), {"name": HNSW_INDEX_NAME}).scalar() not in (None, index_before)
     page = search_image_bytes(session, other, jpeg(3), k=1)
-    assert page.hits[0].distance == pytest.approx(0, abs=1e-5)
+    assert page.hits[0].distance == pytest.approx(0, abs=SAME_IMAGE_DISTANCE)
     with pytest.raises(ModelMismatchError):
         search_text(session, embedder, "the old model is now the foreign one")
 
@@ -190,7 +199,9 @@ def test_reembed_to_another_dimension_rebuilds_the_column_and_index(settings, se
         )
     ).scalar_one()
     assert column == "vector(32)"
-    assert search_image_bytes(session, other, jpeg(1), k=1).hits[0].distance == pytest.approx(0, abs=1e-5)
+    assert search_image_bytes(session, other, jpeg(1), k=1).hits[0].distance == pytest.approx(
+        0, abs=SAME_IMAGE_DISTANCE
+    )
 
 
 @pytest.mark.parametrize("architecture", ["tiny", "ViT-B-32"])
