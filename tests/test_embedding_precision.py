@@ -14,6 +14,7 @@ from clipgallery.embedding import (
     encode_text_to_end_token,
     fused_tensor_conversion,
     native_bf16,
+    probe_pictures,
     quantize_int8,
     resolve_precision,
     to_bf16,
@@ -296,3 +297,46 @@ def test_fused_image_blocks_keep_the_vectors_of_any_activation(vision_extra, fus
         assert _fused_blocks(model.visual.modules()) == fused
         image = torch.nn.functional.normalize(model.encode_image(pixels.bfloat16()).float(), dim=-1)
     assert float((reference * image).sum(-1).min()) >= 0.999
+
+
+def _auto_picks_int8(monkeypatch) -> None:
+    import clipgallery.embedding as embedding
+
+    real = embedding.resolve_precision
+    monkeypatch.setattr(
+        embedding,
+        "resolve_precision",
+        lambda requested, tower="image", transformer=True: (
+            "int8" if requested == "auto" and tower == "image" else real(requested, tower, transformer)
+        ),
+    )
+
+
+def test_auto_keeps_the_int8_image_tower_only_where_it_stays_close_to_fp32(tiny_model_dir, monkeypatch, caplog):
+    """Before "auto" keeps int8 it compares the tower with fp32 on probe pictures: a trained
+    transformer with outlier activations can move far under int8 (MiniLM: cosine 0.91)."""
+    import clipgallery.embedding as embedding
+
+    _auto_picks_int8(monkeypatch)
+    images = [picture(seed, (120, 90)) for seed in range(4)]
+    kept = Embedder(Settings(model_name=str(tiny_model_dir)))
+    assert kept.precisions[0] == "int8"
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in kept._model.visual.modules())
+
+    monkeypatch.setattr(embedding, "INT8_AUTO_MIN_COSINE", 1.01)  # no int8 tower can pass this
+    caplog.set_level("WARNING", logger="clipgallery.embedding")
+    refused = Embedder(Settings(model_name=str(tiny_model_dir)))
+    fallback = refused.precisions[0]
+    assert fallback == ("bf16" if native_bf16() else "fp32")
+    assert "moved this model's vectors too far" in caplog.text
+    same = Embedder(Settings(model_name=str(tiny_model_dir), precision=fallback))
+    assert np.array_equal(refused.encode_images(images), same.encode_images(images))
+    # Asked for by name, int8 is applied without the check.
+    assert Embedder(Settings(model_name=str(tiny_model_dir), precision="int8")).precisions[0] == "int8"
+
+
+def test_probe_pictures_are_fixed_and_varied():
+    first, again = probe_pictures(), probe_pictures()
+    assert [np.asarray(p).tobytes() for p in first] == [np.asarray(p).tobytes() for p in again]
+    assert len({np.asarray(p).tobytes() for p in first}) == len(first)
+    assert all(np.asarray(p).std() > 20 for p in first)
