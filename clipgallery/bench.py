@@ -885,6 +885,7 @@ def prepare_size_database(
             want_halfvec = n <= options.halfvec_max
             if not want_halfvec or "halfvec" in state["builds"]:
                 say(f"reusing database {name} (built {state['builds']['vector']['built_at']})")
+                db.migrate(settings)  # the app's newer migrations, if any: searches run its current SQL
                 builds = {k: IndexBuild(**{**v, "reused": True}) for k, v in state["builds"].items()}
                 return SizeDatabase(
                     name, n, state["model_id"], state["load_seconds"], state["table_bytes"], builds, True
