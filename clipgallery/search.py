@@ -1,5 +1,6 @@
 """Similarity search: one distance-ordered SQL statement per query (hybrid text search adds one
-for its keyword side), bound parameters, ordered by distance then id.
+for its keyword side, skipped for a repeated query while the images are unchanged), bound
+parameters, ordered by distance then id.
 
 Distances are pgvector's: cosine `<=>` (0..2), L2 `<->`, negative inner product `<#>`, L1 `<+>`.
 Similarity is the cosine similarity the distance implies for unit vectors (all stored vectors
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -220,6 +223,46 @@ def keyword_ranking_sql(
     )
 
 
+# What the keyword side's ranking depends on besides the query: the images, whose version moves
+# on with every change (migration 0006), and the column statistics that pick the common words
+# (`WORDS_CTE_SQL`), which ANALYZE renews without changing a row. The version is a sequence, moved
+# on when a writer's statement runs, not when it commits: `settled` says that no transaction held
+# a transaction id once the version had been read (the check reads the version first), so every
+# change it counts was committed before the keyword statement that follows takes its snapshot.
+# Only such a ranking is remembered; any writer in progress (on the whole server) means no caching.
+IMAGES_STATE_COLUMNS = (
+    "(SELECT ARRAY[v.last_value, (pg_current_xact_id_if_assigned() IS NULL AND NOT EXISTS ("
+    "SELECT FROM pg_locks l WHERE l.locktype = 'transactionid' AND l.pid <> pg_backend_pid() "
+    "AND v.last_value IS NOT NULL))::int] FROM images_version v) AS images_version, "
+    "greatest(pg_stat_get_last_analyze_time('images'::regclass), "
+    "pg_stat_get_last_autoanalyze_time('images'::regclass)) AS images_analyzed"
+)
+# Keyword rankings of recent unfiltered queries. A repeated text query skips its keyword
+# statement (3-5 ms at 100k-1M images, docs/benchmarks.md) while still seeing every change: the
+# key holds the images' version. The vector side is never cached, only the query's embedding.
+KEYWORD_CACHE_SIZE = 1024
+_keyword_cache: OrderedDict[tuple, list[int]] = OrderedDict()
+_keyword_cache_lock = threading.Lock()
+
+
+def _cached_keyword_ranking(session: Session, sql: str, params: dict, key: tuple | None, may_store: bool) -> list[int]:
+    """The keyword side's ids, best first: from the cache when `key` (None: no caching) was
+    seen, else from the database, remembered if `may_store`."""
+    if key is not None:
+        with _keyword_cache_lock:
+            cached = _keyword_cache.get(key)
+            if cached is not None:
+                _keyword_cache.move_to_end(key)
+                return cached
+    ids = list(session.execute(text(sql), params).scalars())
+    if key is not None and may_store:
+        with _keyword_cache_lock:
+            _keyword_cache[key] = ids
+            while len(_keyword_cache) > KEYWORD_CACHE_SIZE:
+                _keyword_cache.popitem(last=False)
+    return ids
+
+
 def hybrid_search_sql(
     metric: str,
     uses_index: bool,
@@ -321,17 +364,24 @@ def search_vector(
         # A word in tens of thousands of images would make the GIN index list them all; a random
         # sample of about this many is what the keyword side can use anyway (KEYWORD_SCAN_LIMIT).
         configs.append(f"set_config('gin_fuzzy_search_limit', '{GIN_FUZZY_SEARCH_LIMIT}', true)")
+    # Only an unfiltered keyword side is cached: a filter may read other tables (the uploader's name).
+    cacheable = bool(keywords) and not filter_sql and exclude_image_id is None
+    columns = [*configs, *([IMAGES_STATE_COLUMNS] if cacheable else [])]
     if isinstance(model, Embedder):
         state = session.execute(
-            text(f"SELECT {', '.join([*configs, MODEL_STATE_COLUMNS])}"), model_state_params(model)
+            text(f"SELECT {', '.join([*columns, MODEL_STATE_COLUMNS])}"), model_state_params(model)
         ).one()
         params["model_id"] = gallery_model_id(session, model, state)
     else:
-        if configs:
-            session.execute(text(f"SELECT {', '.join(configs)}"))
+        state = session.execute(text(f"SELECT {', '.join(columns)}")).one() if columns else None
         params["model_id"] = model
     if keywords:
-        params["keyword_ids"] = list(session.execute(text(keyword_sql), params).scalars())
+        key, settled = None, False
+        if cacheable:
+            version, settled = state.images_version
+            bind = session.get_bind().url.render_as_string(hide_password=True)
+            key = (bind, version, state.images_analyzed, keywords, depth, settings.hybrid_common_fraction)
+        params["keyword_ids"] = _cached_keyword_ranking(session, keyword_sql, params, key, bool(settled))
     params["query"] = np.asarray(vector.result() if isinstance(vector, Future) else vector, dtype=np.float32)
     rows = session.execute(text(sql), params).all()
     hits = [

@@ -166,3 +166,66 @@ def test_a_rare_word_of_the_query_is_not_crowded_out_by_a_frequent_one(session, 
     keyword_ids = list(session.execute(text(keyword_sql), params).scalars())
     assert keyword_ids[:2] == ids[58:] and len(keyword_ids) == 10
     assert set(keyword_ids[2:]) <= set(ids[:58])
+
+
+@pytest.fixture
+def keyword_statements(settings):
+    """The keyword-side statements the app sends to the database, counted."""
+    from sqlalchemy import event
+
+    from clipgallery import db
+
+    engine = db.get_engine(settings)
+    sent: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        if "keyword_matches" in statement:
+            sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    yield sent
+    event.remove(engine, "before_cursor_execute", count)
+
+
+def test_a_repeated_query_reuses_its_keyword_ranking_until_the_images_change(
+    gallery, session, embedder, keyword_statements
+):
+    update_image(session, gallery[5], name="Harbour at dusk")
+    first = search_text(session, embedder, "harbour", k=10)
+    assert first.hits[0].id == gallery[5] and len(keyword_statements) == 1
+    again = search_text(session, embedder, "harbour", k=10)
+    assert [h.id for h in again.hits] == [h.id for h in first.hits] and len(keyword_statements) == 1
+    assert again.hits[0].text_match
+    # Any change to the images moves their version on: new, renamed and deleted images show at once.
+    update_image(session, gallery[9], description="the harbour wall")
+    renamed = search_text(session, embedder, "harbour", k=10)
+    assert len(keyword_statements) == 2 and {h.id for h in renamed.hits[:2]} == {gallery[5], gallery[9]}
+    session.execute(text("UPDATE images SET name = 'Picture 5' WHERE id = :id"), {"id": gallery[5]})
+    session.commit()
+    after_sql_edit = search_text(session, embedder, "harbour", k=10)
+    assert after_sql_edit.hits[0].id == gallery[9] and not after_sql_edit.hits[1].text_match
+    # Filtered searches and paging deeper than the keyword side's depth are keyed apart or not cached.
+    search_text(session, embedder, "harbour", k=10, filters=ImageFilters(mime_type="image/jpeg"))
+    search_text(session, embedder, "harbour", k=10, filters=ImageFilters(mime_type="image/jpeg"))
+    assert len(keyword_statements) == 5
+
+
+def test_a_ranking_read_while_another_transaction_writes_images_is_not_cached(
+    gallery, session, embedder, settings, keyword_statements
+):
+    """The version moves on when the writer's statement runs, not when it commits: a ranking read
+    in between saw the old rows under the new version, and must not be served after the commit."""
+    from clipgallery import db
+
+    with db.session_scope(settings) as writer:
+        writer.execute(text("UPDATE images SET name = 'Zebra picture' WHERE id = :id"), {"id": gallery[3]})
+        # Every image matches "picture": the ranking read now is not empty, only without the zebra.
+        during = search_text(session, embedder, "zebra picture", k=5)
+        assert all(h.text_match for h in during.hits) and len(keyword_statements) == 1
+        writer.commit()
+    after = search_text(session, embedder, "zebra picture", k=5)
+    assert len(keyword_statements) == 2
+    assert after.hits[0].id == gallery[3] and after.hits[0].text_match
+    # Once nothing is being written, the ranking is kept.
+    assert search_text(session, embedder, "zebra picture", k=5).hits[0].id == gallery[3]
+    assert len(keyword_statements) == 2
