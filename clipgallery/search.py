@@ -229,10 +229,11 @@ def keyword_ranking_sql(
 # on when a writer's statement runs, not when it commits: `settled` says that no transaction held
 # a transaction id once the version had been read (the check reads the version first), so every
 # change it counts was committed before the keyword statement that follows takes its snapshot.
-# Only such a ranking is remembered; any writer in progress (on the whole server) means no caching.
+# Only such a ranking is remembered; any writer in progress (on the whole server, prepared
+# transactions included: their pid is null) means no caching.
 IMAGES_STATE_COLUMNS = (
     "(SELECT ARRAY[v.last_value, (pg_current_xact_id_if_assigned() IS NULL AND NOT EXISTS ("
-    "SELECT FROM pg_locks l WHERE l.locktype = 'transactionid' AND l.pid <> pg_backend_pid() "
+    "SELECT FROM pg_locks l WHERE l.locktype = 'transactionid' AND l.pid IS DISTINCT FROM pg_backend_pid() "
     "AND v.last_value IS NOT NULL))::int] FROM images_version v) AS images_version, "
     "greatest(pg_stat_get_last_analyze_time('images'::regclass), "
     "pg_stat_get_last_autoanalyze_time('images'::regclass)) AS images_analyzed"
@@ -253,7 +254,7 @@ def _cached_keyword_ranking(session: Session, sql: str, params: dict, key: tuple
             cached = _keyword_cache.get(key)
             if cached is not None:
                 _keyword_cache.move_to_end(key)
-                return cached
+                return list(cached)
     ids = list(session.execute(text(sql), params).scalars())
     if key is not None and may_store:
         with _keyword_cache_lock:
