@@ -333,6 +333,12 @@ def migrate(settings: Settings | None = None, revision: str = "head") -> None:
 # index and builds it once at its end; searches meanwhile scan every vector (exact, and cheap at
 # the sizes where a run doubles the gallery quickly).
 DEFERRED_INDEX_MIN_VECTORS = 100
+# Below this many stored vectors a search without the index (an exact scan) stays within about
+# 25 ms (13 ms at 10k): there a run also holds the index back when it writes at least
+# 1/SMALL_GALLERY_SHARE as many vectors as are stored, where a build still costs less than growing
+# the graph (1.4-1.9x less PostgreSQL CPU at 3-5 stored per written, docs/scaling.md).
+SMALL_GALLERY_VECTORS = 20_000
+SMALL_GALLERY_SHARE = 4
 # Advisory lock: runs that dropped the index hold it shared until they end; the index is built
 # by whoever can take it alone, i.e. the last such run to end (or a start-up after a crash).
 _VECTOR_INDEX_LOCK = 0x636C6970  # "clip"
@@ -367,14 +373,18 @@ def ensure_vector_index(connection, settings: Settings) -> bool:
 @contextmanager
 def deferred_vector_index(session: Session, settings: Settings, incoming: int) -> Iterator[bool]:
     """Around a run about to write `incoming` vectors (bulk indexing, re-embedding): when they are
-    at least as many as the vectors stored (and at least DEFERRED_INDEX_MIN_VECTORS), the HNSW
-    index is dropped for the run and built at its end, also when the run fails. Yields whether
-    it was. Commits `session` first: dropping an index waits for every transaction that has read
-    the table, this one's included."""
+    at least as many as the vectors stored, or a quarter of them in a gallery of at most
+    SMALL_GALLERY_VECTORS (and at least DEFERRED_INDEX_MIN_VECTORS), the HNSW index is dropped for
+    the run and built at its end, also when the run fails. Yields whether it was. Commits
+    `session` first: dropping an index waits for every transaction that has read the table, this
+    one's included."""
     session.commit()
     with session.get_bind().connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         stored = connection.execute(text("SELECT count(*) FROM image_embeddings")).scalar_one()
-        deferred = incoming >= max(stored, DEFERRED_INDEX_MIN_VECTORS) and _hold_vector_index_back(connection)
+        large_share = incoming >= stored or (
+            stored <= SMALL_GALLERY_VECTORS and incoming * SMALL_GALLERY_SHARE >= stored
+        )
+        deferred = incoming >= DEFERRED_INDEX_MIN_VECTORS and large_share and _hold_vector_index_back(connection)
         if deferred:
             log.info("writing %d vectors (%d stored): the vector index is built once, at the end", incoming, stored)
         try:

@@ -238,9 +238,9 @@ def test_a_batch_that_cannot_be_stored_stops_the_run_and_keeps_what_was_committe
 def test_a_run_that_doubles_the_gallery_builds_the_vector_index_once_at_its_end(
     tmp_path, settings, session, embedder, storage, monkeypatch
 ):
-    """Growing an HNSW graph row by row costs several times a build (docs/benchmarks.md): a run
-    writing at least as many vectors as are stored drops the index and builds it at its end; a
-    smaller run keeps it. Searches work throughout."""
+    """Growing an HNSW graph row by row costs several times a build (docs/scaling.md): a run
+    writing at least as many vectors as are stored (a quarter, in a small gallery) drops the index
+    and builds it at its end; a smaller run keeps it. Searches work throughout."""
     from clipgallery.search import search_text
 
     monkeypatch.setattr(db, "DEFERRED_INDEX_MIN_VECTORS", 6)
@@ -257,12 +257,23 @@ def test_a_run_that_doubles_the_gallery_builds_the_vector_index_once_at_its_end(
     assert hnsw_index_statements(settings)[0].split(" USING ")[1].split(" WITH ")[0] in rebuilt[1]
     assert len(search_text(session, embedder, "a photo").hits) == 8
 
-    # 6 new images beside 8 stored: the index stays and grows.
+    # 4 new images beside 8 stored: in a gallery small enough to search without the index, a run
+    # writing a quarter of the stored vectors or more holds it back too ...
+    monkeypatch.setattr(db, "DEFERRED_INDEX_MIN_VECTORS", 4)
     present.clear()
     _make_folder(tmp_path / "second", 6, start=100)
     second = index_folder(session, embedder, storage, tmp_path / "second", progress=False, batch_size=4)
-    assert second.indexed == 4 and present == [True]
-    assert second.index_build_seconds is None and _vector_index(session) == rebuilt
+    assert second.indexed == 4 and present == [False] and second.index_build_seconds is not None
+    rebuilt = _vector_index(session)
+    assert rebuilt is not None
+    # ... but beside a larger gallery (here: more than 10 stored) the index stays and grows.
+    monkeypatch.setattr(db, "SMALL_GALLERY_VECTORS", 10)
+    present.clear()
+    _make_folder(tmp_path / "third", 6, start=200)
+    third = index_folder(session, embedder, storage, tmp_path / "third", progress=False, batch_size=4)
+    assert third.indexed == 4 and present == [True]
+    assert third.index_build_seconds is None and _vector_index(session) == rebuilt
+    assert len(search_text(session, embedder, "a photo", k=50).hits) == 16
 
 
 def test_a_failed_run_still_builds_the_vector_index_it_held_back(tmp_path, session, embedder, storage, monkeypatch):
@@ -286,11 +297,23 @@ def test_a_failed_run_still_builds_the_vector_index_it_held_back(tmp_path, sessi
     assert _vector_index(session) is not None
 
 
-def test_the_vector_index_is_built_by_the_last_run_holding_it_back_or_at_the_next_start(settings, session):
+def test_the_vector_index_is_built_by_the_last_run_holding_it_back_or_at_the_next_start(
+    settings, session, embedder, storage
+):
     """Runs holding the index back share an advisory lock: a start-up (`db.migrate`) meanwhile
-    leaves the index to them, and builds it when a run died without doing so."""
+    leaves the index to them, and builds it when a run died without doing so. Searches meanwhile
+    scan every vector, and say so."""
+    from clipgallery.ingest import ingest_image
+    from clipgallery.search import search_text
+    from tests.conftest import jpeg
+
+    ingest_image(session, embedder, storage, jpeg(7), "seven.jpg", "Seven")
+    assert not search_text(session, embedder, "seven").exact
     with db.deferred_vector_index(session, settings, incoming=500) as deferred:
         assert deferred and _vector_index(session) is None
+        page = search_text(session, embedder, "seven")
+        assert page.exact and page.hits[0].name == "Seven"
+        session.commit()
         db.migrate(settings)
         assert _vector_index(session) is None
     assert _vector_index(session) is not None
