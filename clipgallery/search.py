@@ -34,7 +34,7 @@ from clipgallery.gallery import (
     vector_to_numpy,
 )
 from clipgallery.imaging import DecodedImage, decode_upload
-from clipgallery.models import METRIC_OPERATORS
+from clipgallery.models import HNSW_INDEX_NAME, METRIC_OPERATORS
 
 MAX_OFFSET = 10_000
 # pgvector's upper bound for hnsw.ef_search.
@@ -368,6 +368,10 @@ def search_vector(
     # Only an unfiltered keyword side is cached: a filter may read other tables (the uploader's name).
     cacheable = bool(keywords) and not filter_sql and exclude_image_id is None
     columns = [*configs, *([IMAGES_STATE_COLUMNS] if cacheable else [])]
+    if uses_index:
+        # A bulk run may have dropped the index for its duration (`db.deferred_vector_index`): the
+        # same statement then scans every vector, and the page says it is exact.
+        columns.append(f"to_regclass('{HNSW_INDEX_NAME}') IS NOT NULL AS vector_index_present")
     if isinstance(model, Embedder):
         state = session.execute(
             text(f"SELECT {', '.join([*columns, MODEL_STATE_COLUMNS])}"), model_state_params(model)
@@ -408,7 +412,7 @@ def search_vector(
         k=k,
         offset=offset,
         has_more=len(rows) > k,
-        exact=not uses_index,
+        exact=not (uses_index and state.vector_index_present),
         hybrid=bool(keywords),
     )
 
