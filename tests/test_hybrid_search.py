@@ -204,7 +204,7 @@ def test_a_repeated_query_reuses_its_keyword_ranking_until_the_images_change(
     session.commit()
     after_sql_edit = search_text(session, embedder, "harbour", k=10)
     assert after_sql_edit.hits[0].id == gallery[9] and not after_sql_edit.hits[1].text_match
-    # Filtered searches and paging deeper than the keyword side's depth are keyed apart or not cached.
+    # Filtered searches are never cached (a filter may read other tables: the uploader's name).
     search_text(session, embedder, "harbour", k=10, filters=ImageFilters(mime_type="image/jpeg"))
     search_text(session, embedder, "harbour", k=10, filters=ImageFilters(mime_type="image/jpeg"))
     assert len(keyword_statements) == 5
