@@ -384,8 +384,14 @@ def search_vector(
         key, settled = None, False
         if cacheable:
             version, settled = state.images_version
-            bind = session.get_bind().url.render_as_string(hide_password=True)
-            key = (bind, version, state.images_analyzed, keywords, depth, settings.hybrid_common_fraction)
+            key = (
+                session.get_bind().url,
+                version,
+                state.images_analyzed,
+                keywords,
+                depth,
+                settings.hybrid_common_fraction,
+            )
         params["keyword_ids"] = _cached_keyword_ranking(session, keyword_sql, params, key, bool(settled))
     params["query"] = np.asarray(vector.result() if isinstance(vector, Future) else vector, dtype=np.float32)
     rows = session.execute(text(sql), params).all()
