@@ -313,7 +313,6 @@ def test_the_vector_index_is_built_by_the_last_run_holding_it_back_or_at_the_nex
         assert deferred and _vector_index(session) is None
         page = search_text(session, embedder, "seven")
         assert page.exact and page.hits[0].name == "Seven"
-        session.commit()
         db.migrate(settings)
         assert _vector_index(session) is None
     assert _vector_index(session) is not None

@@ -188,7 +188,7 @@ def keyword_statements(settings):
 
 
 def test_a_repeated_query_reuses_its_keyword_ranking_until_the_images_change(
-    gallery, session, embedder, keyword_statements
+    gallery, session, embedder, storage, keyword_statements
 ):
     update_image(session, gallery[5], name="Harbour at dusk")
     first = search_text(session, embedder, "harbour", k=10)
@@ -196,7 +196,7 @@ def test_a_repeated_query_reuses_its_keyword_ranking_until_the_images_change(
     again = search_text(session, embedder, "harbour", k=10)
     assert [h.id for h in again.hits] == [h.id for h in first.hits] and len(keyword_statements) == 1
     assert again.hits[0].text_match
-    # Any change to the images moves their version on: new, renamed and deleted images show at once.
+    # Any change to the images moves their version on: new and edited images show at once.
     update_image(session, gallery[9], description="the harbour wall")
     renamed = search_text(session, embedder, "harbour", k=10)
     assert len(keyword_statements) == 2 and {h.id for h in renamed.hits[:2]} == {gallery[5], gallery[9]}
@@ -204,10 +204,13 @@ def test_a_repeated_query_reuses_its_keyword_ranking_until_the_images_change(
     session.commit()
     after_sql_edit = search_text(session, embedder, "harbour", k=10)
     assert after_sql_edit.hits[0].id == gallery[9] and not after_sql_edit.hits[1].text_match
+    added = ingest_image(session, embedder, storage, jpeg(900), "new.jpg", "Harbour lights").image_id
+    with_new = search_text(session, embedder, "harbour", k=10)
+    assert len(keyword_statements) == 4 and {h.id for h in with_new.hits[:2]} == {gallery[9], added}
     # Filtered searches are never cached (a filter may read other tables: the uploader's name).
     search_text(session, embedder, "harbour", k=10, filters=ImageFilters(mime_type="image/jpeg"))
     search_text(session, embedder, "harbour", k=10, filters=ImageFilters(mime_type="image/jpeg"))
-    assert len(keyword_statements) == 5
+    assert len(keyword_statements) == 6
 
 
 def test_a_ranking_read_while_another_transaction_writes_images_is_not_cached(
