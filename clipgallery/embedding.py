@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clipgallery.allocator import release_freed_memory, tune_for_tensors
 from clipgallery.config import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -203,6 +204,7 @@ class Embedder:
         import open_clip
         import torch
 
+        tune_for_tensors()
         threads = self.settings.torch_threads or torch.get_num_threads()
         torch.set_num_threads(threads)
         self._threads = threads
@@ -751,6 +753,27 @@ def _is_patch_embedding(conv) -> bool:
     )
 
 
+# The kernels int8 layers are packed for (each layer keeps its own; the process-wide setting is
+# only read while packing). oneDNN's VNNI kernels ran the ViT-B/32 image tower 1.2x as fast as
+# fbgemm's, PyTorch's x86 default (2 cores, AMD Zen 4: 61 -> 74 images/s, vectors as close to
+# fp32: docs/benchmarks.md). fbgemm where a build lacks oneDNN.
+INT8_ENGINE = "onednn"
+
+
+@contextmanager
+def quantized_engine(name: str) -> Iterator[None]:
+    """`torch.backends.quantized.engine` set to `name` for the block, when this build has it."""
+    import torch
+
+    before = torch.backends.quantized.engine
+    if name in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
 def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
     """Dynamic int8 quantisation of every Linear layer (weights int8, activations quantised per
     batch at run time; VNNI/AMX kernels on x86). Self-attention projections are first turned into
@@ -807,7 +830,8 @@ def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
             and chosen(name)
             and not any(name.startswith(f"{r}.") for r in weight_readers)
         }
-        model = torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
+        with quantized_engine(INT8_ENGINE):
+            model = torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
     for module in model.modules():
         if isinstance(module, open_clip.transformer.ResidualAttentionBlock) and hasattr(
             module.mlp.c_fc, "_packed_params"
@@ -815,7 +839,7 @@ def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
             # open_clip asks the first block's c_fc for the activations' dtype; quantised
             # layers keep no float weight, so say it the way open_clip expects.
             module.mlp.c_fc.int8_original_dtype = torch.float32
-    _release_freed_memory()
+    release_freed_memory()
     return model
 
 
@@ -868,10 +892,10 @@ def int8_if_faithful(model, preprocess) -> tuple[object, bool]:
     if closeness >= INT8_AUTO_MIN_COSINE:
         log.info("int8 image tower kept: cosine %.5f to fp32 on probe pictures", closeness)
         del kept
-        _release_freed_memory()
+        release_freed_memory()
         return model, True
     model.visual = kept
-    _release_freed_memory()
+    release_freed_memory()
     log.warning(
         "the int8 image tower moved this model's vectors too far (cosine %.4f to fp32 on probe pictures, "
         "below %.3f): CLIPGALLERY_PRECISION=auto keeps it in bf16 or fp32",
@@ -1100,7 +1124,7 @@ def to_bf16(model, towers: tuple[str, ...] = ("image", "text")):
             parameter = getattr(model, name, None)
             if isinstance(parameter, torch.nn.Parameter):
                 parameter.data = parameter.data.to(torch.bfloat16)
-    _release_freed_memory()
+    release_freed_memory()
     return model
 
 
@@ -1125,18 +1149,6 @@ def trace_image_tower(visual) -> object | None:
         return torch.randn(batch, 3, height, width, generator=generator).to(dtype)
 
     return _checked_trace("image", visual, pixels(2), [pixels(1), pixels(3)])
-
-
-def _release_freed_memory() -> None:
-    """Hand the freed fp32 weights back to the operating system: glibc keeps them otherwise, and
-    an int8 process would stay as large as an fp32 one (measured: 1.55 GB -> 1.04 GB RSS)."""
-    import contextlib
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def package_model_dir(package: str) -> Path:

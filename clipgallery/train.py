@@ -535,6 +535,9 @@ def _train(items: Sequence[LabelledImage], output: Path, options: TrainOptions, 
     import torch.nn.functional as F
     from tqdm import tqdm
 
+    from clipgallery.allocator import tune_for_tensors
+
+    tune_for_tensors()  # training's activations and gradients are the same large, short-lived blocks
     started = time.monotonic()
     items = list(items)
     check_templates(items, options.captions)
