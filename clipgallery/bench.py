@@ -6,8 +6,9 @@ machine this was written on is shared: a figure from another run says little). S
 - **ingest** — the images are split into rounds; in every round each pipeline processes the
   same chunk of images, in a rotating order: model only (fp32, int8), clipgallery's real bulk
   path `bulk.index_folder` into fresh throwaway databases (fp32, int8), and the seed-style
-  pipeline (the same open_clip model in fp32, then chromadb `collection.add`). The model-only
-  vectors also give the fidelity of int8 against fp32.
+  pipeline (the same open_clip model in fp32, then chromadb `collection.add`) in a process of its
+  own, as its script would run (`SeedPipeline`). The model-only vectors also give the fidelity of
+  int8 against fp32.
 - **text** — the text tower alone: fp32 / bf16 / int8 × 1 / 2 torch threads, in rotating
   blocks of queries (`QUERY_BLOCK`).
 - **index + query**, for every size N — a database with the real schema holding the real
@@ -402,9 +403,11 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
     batch = options.batch_size
     work = Path(tempfile.mkdtemp(prefix="clipgallery-bench-ingest-"))
     names = {p: f"{DATABASE_PREFIX}ingest_{p}_{os.getpid()}" for p in precisions}
-    keys = [f"model_{p}" for p in precisions] + [f"clipgallery_{p}" for p in precisions] + ["chroma_fp32"]
+    keys = [f"model_{p}" for p in precisions] + ["model_fp32_glibc"]
+    keys += [f"clipgallery_{p}" for p in precisions] + ["chroma_fp32"]
     results = {key: PipelineResult(key) for key in keys}
     vectors: dict[str, list[np.ndarray]] = {p: [] for p in precisions}
+    seed = None
     try:
         sessions = {}
         for precision, name in names.items():
@@ -412,12 +415,7 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
             settings = server.settings_for(name, upload_dir=work / f"uploads-{precision}")
             db.migrate(settings)
             sessions[precision] = (settings, Storage(settings.upload_dir))
-        collection = None
-        if options.chroma:
-            import chromadb
-
-            chroma_client = chromadb.PersistentClient(path=str(work / "chroma"))
-            collection = chroma_client.create_collection("seed", configuration={"hnsw": {"space": "cosine"}})
+        seed = SeedPipeline(model_dir, work / "chroma", batch, options.torch_threads) if options.chroma else None
 
         def model_only(embedder, pixels, key):
             def run():
@@ -433,27 +431,6 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
                     summary = index_folder(session, embedder, storage, folder, progress=False, batch_size=batch)
                 if summary.indexed + summary.reused != len(list(folder.iterdir())) or summary.rejected:
                     raise RuntimeError(f"bulk indexing lost images: {summary.lines()}")
-
-            return run
-
-        def chroma_pipeline(chunk, start_id):
-            # The seed's shape: a plain loop, open -> preprocess -> encode -> add, nothing overlapped,
-            # with open_clip's own transform (not clipgallery's faster form of it).
-            model = fp32._model
-            preprocess = getattr(fp32._preprocess, "unfused", fp32._preprocess)
-
-            def run():
-                for i in range(0, len(chunk), batch):
-                    paths = chunk[i : i + batch]
-                    pixels = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
-                    with torch.no_grad():
-                        features = model.encode_image(pixels)
-                        features = features / features.norm(dim=-1, keepdim=True)
-                    collection.add(
-                        ids=[str(start_id + i + j) for j in range(len(paths))],
-                        embeddings=features.numpy(),
-                        metadatas=[{"path": str(p)} for p in paths],
-                    )
 
             return run
 
@@ -474,21 +451,24 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
             steps: list[tuple[str, Callable[[], None]]] = [
                 (f"model_{p}", model_only(e, pixels, p)) for p, e in embedders.items()
             ] + [(f"clipgallery_{p}", clipgallery_pipeline(p, e, folder)) for p, e in embedders.items()]
-            if collection is not None:
-                steps.append(("chroma_fp32", chroma_pipeline(chunk, done)))
+            if seed is not None:
+                steps.append(("chroma_fp32", seed.step("pipeline", chunk, done)))
+                steps.append(("model_fp32_glibc", seed.step("model", chunk, done)))
             for key, run in _rotate(steps, index):
                 gc.collect()
                 started = time.perf_counter()
-                run()
-                results[key].add(len(chunk), time.perf_counter() - started)
+                seconds = run()  # the seed process's own timing (no pipe), else the wall time here
+                results[key].add(len(chunk), seconds if seconds is not None else time.perf_counter() - started)
             done += len(chunk)
             say(
                 f"ingest round {index + 1}/{len(rounds)}: "
                 + ", ".join(f"{k} {r.round_rates[-1]:.1f}/s" for k, r in results.items() if r.round_rates)
             )
-        if collection is not None and collection.count() != len(files):
-            raise RuntimeError(f"chroma holds {collection.count()} of {len(files)} vectors")
+        if seed is not None and (count := seed.close()) != len(files):
+            raise RuntimeError(f"chroma holds {count} of {len(files)} vectors")
     finally:
+        if seed is not None:
+            seed.stop()
         for name in names.values():
             with contextlib.suppress(Exception):
                 server.drop(name)
@@ -498,6 +478,111 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
         "vectors": {p: np.concatenate(v) for p, v in vectors.items()},
         "embedders": embedders,
     }
+
+
+class SeedPipeline:
+    """The seed-style pipeline (open_clip fp32, then chromadb `collection.add`) in a process of
+    its own, as its script would run: with glibc's default allocator settings, which clipgallery
+    changes for its whole process (`allocator.tune_for_tensors`), and its own copy of the model.
+    The bench sends it each round's chunk when its turn comes, so it still shares the rounds'
+    rotation; it also times the same fp32 model alone there (the allocator's share of the gap)."""
+
+    def __init__(self, model_dir: Path, chroma_path: Path, batch: int, threads: int) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing tuned
+        self._connection, child = context.Pipe()
+        self._process = context.Process(
+            target=_seed_process, args=(child, str(model_dir), str(chroma_path), batch, threads), daemon=True
+        )
+        self._process.start()
+        child.close()
+        try:
+            self._ask(None)  # model loaded, warmed, collection created
+        except Exception:
+            self.stop()
+            raise
+
+    def _ask(self, request: tuple | None) -> object:
+        if request is not None:
+            self._connection.send(request)
+        try:
+            kind, value = self._connection.recv()
+        except EOFError:
+            raise RuntimeError(f"the seed-style pipeline's process died (exit code {self._process.exitcode})") from None
+        if kind == "error":
+            raise RuntimeError(f"the seed-style pipeline failed: {value}")
+        return value
+
+    def step(self, kind: str, paths: list[Path], start_id: int) -> Callable[[], float]:
+        """A step for the rotation: `kind` "pipeline" (decode ... collection.add) or "model" (the
+        fp32 model alone on the chunk, preprocessed beforehand); returns the seconds it took."""
+        return lambda: float(self._ask((kind, [str(p) for p in paths], start_id)))
+
+    def close(self) -> int:
+        """The number of vectors in the collection; the process then ends."""
+        count = int(self._ask(("count", [], 0)))
+        self._connection.send(None)
+        self._process.join(timeout=60)
+        return count
+
+    def stop(self) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=10)
+        self._connection.close()
+
+
+def _seed_process(connection, model_dir: str, chroma_path: str, batch: int, threads: int) -> None:
+    """The seed's shape: a plain loop, open -> preprocess -> encode -> add, nothing overlapped,
+    with open_clip's own model and transform (eager, fp32; none of clipgallery's changes)."""
+    try:
+        import chromadb
+        import open_clip
+        import torch
+        from PIL import Image
+
+        if threads:
+            torch.set_num_threads(threads)
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
+        model.eval()
+        client = chromadb.PersistentClient(path=chroma_path)
+        collection = client.create_collection("seed", configuration={"hnsw": {"space": "cosine"}})
+
+        def encode(pixels):
+            with torch.no_grad():
+                features = model.encode_image(pixels)
+                return features / features.norm(dim=-1, keepdim=True)
+
+        def pipeline(paths: list[str], start_id: int) -> None:
+            for i in range(0, len(paths), batch):
+                part = paths[i : i + batch]
+                features = encode(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in part]))
+                collection.add(
+                    ids=[str(start_id + i + j) for j in range(len(part))],
+                    embeddings=features.numpy(),
+                    metadatas=[{"path": p} for p in part],
+                )
+
+        # Warm, as the bench's own models are.
+        encode(torch.stack([preprocess(Image.new("RGB", (256, 256)))] * batch))
+        connection.send(("ready", None))
+        while (request := connection.recv()) is not None:
+            kind, paths, start_id = request
+            if kind == "count":
+                connection.send(("count", collection.count()))
+                continue
+            if kind == "model":
+                pixels = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
+                started = time.perf_counter()
+                for i in range(0, len(pixels), batch):
+                    encode(pixels[i : i + batch])
+            else:
+                started = time.perf_counter()
+                pipeline(paths, start_id)
+            connection.send(("seconds", time.perf_counter() - started))
+    except Exception as exc:  # reported to the bench, which stops with it
+        connection.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def image_precisions() -> tuple[str, ...]:
@@ -1731,7 +1816,8 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             "clipgallery_fp32": "clipgallery bulk index (decode, preprocess, embed, files, insert), fp32",
             "clipgallery_int8": "clipgallery bulk index, int8",
             "clipgallery_bf16": "clipgallery bulk index, bf16",
-            "chroma_fp32": "seed-style: open_clip fp32 + chromadb `collection.add`",
+            "chroma_fp32": "seed-style: open_clip fp32 + chromadb `collection.add` (own process, glibc defaults)",
+            "model_fp32_glibc": "model only, fp32, in the seed-style process (glibc's allocator defaults)",
         }
         chroma_rate = ingest.get("chroma_fp32", {}).get("rate")
         lines += [

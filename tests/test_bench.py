@@ -75,7 +75,8 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     data = json.loads(json_path.read_text())
     precisions = {"fp32", "int8", "bf16"} if data["text_precision"] == "bf16" else {"fp32", "int8"}
     assert set(data["ingest"]) == {f"{kind}_{p}" for kind in ("model", "clipgallery") for p in precisions} | {
-        "chroma_fp32"
+        "chroma_fp32",
+        "model_fp32_glibc",  # the seed-style pipeline's process: its own model, glibc's allocator defaults
     }
     assert all(p["images"] == 20 for p in data["ingest"].values())
     size = data["sizes"]["2000"]
