@@ -448,7 +448,7 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
                 # Symlinks with unique names: the real files are read through them.
                 (folder / f"{n:05d}-{path.name}").symlink_to(path.resolve())
             pixels = torch.stack([fp32.preprocess(Image.open(p).convert("RGB")) for p in chunk])
-            steps: list[tuple[str, Callable[[], None]]] = [
+            steps: list[tuple[str, Callable[[], float | None]]] = [
                 (f"model_{p}", model_only(e, pixels, p)) for p, e in embedders.items()
             ] + [(f"clipgallery_{p}", clipgallery_pipeline(p, e, folder)) for p, e in embedders.items()]
             if seed is not None:
