@@ -44,18 +44,28 @@ def _libc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+# glibc's own environment variables for what tune_for_tensors sets (GLIBC_TUNABLES: glibc.malloc.*).
+_OPERATOR_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def _operator_settings() -> bool:
+    return any(name in os.environ for name in _OPERATOR_VARIABLES) or "glibc.malloc." in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    )
+
+
 def tune_for_tensors() -> bool:
     """Keep freed tensor-sized blocks in the process for reuse (see the module's docstring). Once
-    per process; True if glibc took the settings. Left alone when the operator set any of glibc's
-    MALLOC_*_ variables: their choice wins. (With jemalloc or tcmalloc preloaded this changes
+    per process; True if glibc took the settings. Left alone when the operator tuned glibc's malloc
+    in the environment: their choice wins. (With jemalloc or tcmalloc preloaded this changes
     nothing that is in use.)"""
     global _tuned
     with _lock:
         if _tuned is not None:
             return _tuned
         _tuned = False
-        if any(name.startswith("MALLOC_") and name.endswith("_") for name in os.environ):
-            log.info("allocator: glibc settings from the environment kept")
+        if _operator_settings():
+            log.info("allocator: glibc's malloc settings from the environment kept")
             return False
         libc = _libc()
         if libc is None:

@@ -15,7 +15,7 @@ from clipgallery import allocator
 def untuned(monkeypatch):
     monkeypatch.setattr(allocator, "_tuned", None)
     for name in list(os.environ):
-        if name.startswith("MALLOC_"):
+        if name.startswith("MALLOC_") or name == "GLIBC_TUNABLES":
             monkeypatch.delenv(name)
 
 
@@ -42,6 +42,10 @@ def test_freed_tensor_sized_blocks_are_reused_without_page_faults(untuned):
     assert _page_faults_of(layers) < 50
 
 
-def test_the_operators_glibc_settings_win(untuned, monkeypatch):
-    monkeypatch.setenv("MALLOC_ARENA_MAX_", "2")
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("MALLOC_TRIM_THRESHOLD_", "1048576"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576")],
+)
+def test_the_operators_glibc_settings_win(untuned, monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
     assert allocator.tune_for_tensors() is False
