@@ -699,7 +699,6 @@ def fused_tensor_conversion(preprocess):
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
         return pixels.mul_(scale).add_(shift)
 
-    run.unfused = preprocess  # what open_clip gave (the bench's seed-style pipeline runs it)
     return run
 
 
@@ -755,7 +754,7 @@ def _is_patch_embedding(conv) -> bool:
 
 # The kernels int8 layers are packed for (each layer keeps its own; the process-wide setting is
 # only read while packing). oneDNN's VNNI kernels ran the ViT-B/32 image tower 1.2x as fast as
-# fbgemm's, PyTorch's x86 default (2 cores, AMD Zen 4: 61 -> 74 images/s, vectors as close to
+# fbgemm's, PyTorch's x86 default (2 cores, AMD Zen 4: 61 -> 73 images/s, vectors as close to
 # fp32: docs/benchmarks.md). fbgemm where a build lacks oneDNN.
 INT8_ENGINE = "onednn"
 
