@@ -15,7 +15,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -31,13 +31,20 @@ from clipgallery.imaging import (
     make_thumbnail,
     working_size_for,
 )
-from clipgallery.models import Image, ImageEmbedding
+from clipgallery.models import Image
 from clipgallery.storage import Storage
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+_INSERT_VECTOR_SQL = "INSERT INTO image_embeddings (image_id, model_id, embedding) VALUES (:id, :model, :vector)"
+_UPSERT_VECTOR_SQL = (
+    f"{_INSERT_VECTOR_SQL} "
+    "ON CONFLICT (image_id) DO UPDATE SET model_id = EXCLUDED.model_id, "
+    "embedding = EXCLUDED.embedding, created_at = now()"
+)
 
 MAX_NAME = 500
 MAX_DESCRIPTION = 10_000
@@ -193,11 +200,15 @@ def store_prepared(
             image_ids: dict[str, int] = {}
             if rows:
                 image_ids = dict(session.execute(insert(Image).returning(Image.sha256, Image.id), rows).all())
-                embeddings = [
-                    {"image_id": image_ids[prepared.decoded.sha256], "model_id": model_id, "embedding": vector}
-                    for prepared, vector in zip(new, vectors, strict=True)
-                ]
-                session.execute(insert(ImageEmbedding), embeddings)
+                # Vectors go as numpy arrays in pgvector's binary format: the ORM column type would
+                # spell each of the 512 floats out as text first (0.2 ms per vector here).
+                session.execute(
+                    text(_INSERT_VECTOR_SQL),
+                    [
+                        {"id": image_ids[prepared.decoded.sha256], "model": model_id, "vector": vector}
+                        for prepared, vector in zip(new, vectors, strict=True)
+                    ],
+                )
             for sha, image_id in image_ids.items():
                 outcomes[new_index[sha]].image_id = image_id
             # Duplicates inside the batch point at the row added for their first copy.
@@ -253,13 +264,6 @@ def ingest_image(
     return store_prepared(session, embedder, storage, [prepared], uploaded_by=uploaded_by)[0]
 
 
-_UPSERT_VECTOR_SQL = (
-    "INSERT INTO image_embeddings (image_id, model_id, embedding) VALUES (:id, :model, :vector) "
-    "ON CONFLICT (image_id) DO UPDATE SET model_id = EXCLUDED.model_id, "
-    "embedding = EXCLUDED.embedding, created_at = now()"
-)
-
-
 def reembed_images(
     session: Session,
     embedder: Embedder,
@@ -271,7 +275,6 @@ def reembed_images(
     """Compute vectors with the configured model: for `image_ids`, or for every image whose
     vector is missing or came from another model. A dimension change rebuilds the column and its
     index first. Commits per batch, so an interrupted run resumes. Returns the number embedded."""
-    from sqlalchemy import text
     from tqdm import tqdm
 
     from clipgallery.gallery import register_model, set_vector_dimension, vector_column_dimension
@@ -318,11 +321,13 @@ def reembed_images(
                 kept.append(image_id)
             if kept:
                 vectors = embedder.encode_images(pictures)
-                for image_id, vector in zip(kept, vectors, strict=True):
-                    session.execute(
-                        text(_UPSERT_VECTOR_SQL),
-                        {"id": image_id, "model": model_id, "vector": vector},
-                    )
+                session.execute(
+                    text(_UPSERT_VECTOR_SQL),
+                    [
+                        {"id": image_id, "model": model_id, "vector": vector}
+                        for image_id, vector in zip(kept, vectors, strict=True)
+                    ],
+                )
                 session.commit()
                 done += len(kept)
             bar.update(len(ids))
