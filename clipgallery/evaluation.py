@@ -365,6 +365,7 @@ def index_items(
     gives each item's name and description (default: its key and nothing)."""
     from tqdm import tqdm
 
+    from clipgallery.db import deferred_vector_index
     from clipgallery.imaging import RejectedImage
     from clipgallery.ingest import prepare_image, store_prepared
 
@@ -385,7 +386,12 @@ def index_items(
     size = settings.embed_batch_size
     batches = [items[i : i + size] for i in range(0, len(items), size)]
     bar = tqdm(total=len(items), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 2))) as pool:
+    # The set goes into an empty database: the HNSW index is built once at the end, as bulk
+    # indexing does, rather than grown vector by vector.
+    with (
+        deferred_vector_index(session, settings, len(items)),
+        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 2))) as pool,
+    ):
         pending = [pool.submit(prepare, item) for item in batches[0]] if batches else []
         for index, batch in enumerate(batches):
             current = pending
