@@ -353,15 +353,63 @@ class PipelineResult:
     images: int = 0
     seconds: float = 0.0
     round_rates: list[float] = field(default_factory=list)
+    # CPU time spent on the images: the pipeline's own process (all its threads) and, for the
+    # pipelines that write to PostgreSQL, the server's processes. None: not measurable here.
+    cpu_seconds: float = 0.0
+    server_cpu_seconds: float | None = None
 
     @property
     def rate(self) -> float:
         return self.images / self.seconds if self.seconds else float("nan")
 
-    def add(self, images: int, seconds: float) -> None:
+    def add(self, images: int, seconds: float, cpu: float, server_cpu: float | None = None) -> None:
         self.images += images
         self.seconds += seconds
         self.round_rates.append(images / seconds if seconds else float("nan"))
+        self.cpu_seconds += cpu
+        if server_cpu is not None:
+            self.server_cpu_seconds = (self.server_cpu_seconds or 0.0) + server_cpu
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU of this process so far, every thread included."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def server_cpu_seconds() -> float | None:
+    """User + system CPU of this machine's PostgreSQL processes so far: each live process's own,
+    plus what the postmaster has collected from its ended children (parallel index-build workers
+    come and go). None when no PostgreSQL runs here (a remote DATABASE_URL)."""
+    import psutil
+
+    total, found = 0.0, False
+    for process in psutil.process_iter(["name"]):
+        try:
+            if not (process.info["name"] or "").startswith("postgres"):
+                continue
+            times = process.cpu_times()
+            total += times.user + times.system
+            parent = process.parent()
+            if parent is None or not (parent.name() or "").startswith("postgres"):  # the postmaster
+                total += times.children_user + times.children_system
+            found = True
+        except psutil.Error:
+            continue
+    return total if found else None
+
+
+def _cpu_per_image(result: dict) -> str:
+    images, cpu = result["images"], result.get("cpu_seconds")
+    if not images or not cpu:
+        return "–"
+    text = f"{1000 * cpu / images:.1f}"
+    server = result.get("server_cpu_seconds")
+    if server is not None:
+        text += f" + {1000 * server / images:.1f}"
+    return text
 
 
 def _rounds(files: list[Path], size: int) -> list[list[Path]]:
@@ -456,9 +504,18 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
                 steps.append(("model_fp32_glibc", seed.step("model", chunk, done)))
             for key, run in _rotate(steps, index):
                 gc.collect()
-                started = time.perf_counter()
-                seconds = run()  # the seed process's own timing (no pipe), else the wall time here
-                results[key].add(len(chunk), seconds if seconds is not None else time.perf_counter() - started)
+                # The scan of PostgreSQL's processes comes first: it is not the pipeline's time.
+                server_cpu = server_cpu_seconds()
+                cpu, started = process_cpu_seconds(), time.perf_counter()
+                # The seed process's own (wall, CPU) timing (no pipe); else measured here.
+                timing = run()
+                if timing is not None:
+                    results[key].add(len(chunk), *timing)
+                    continue
+                seconds, cpu = time.perf_counter() - started, process_cpu_seconds() - cpu
+                writes = key.startswith("clipgallery_") and server_cpu is not None
+                server_cpu = server_cpu_seconds() - server_cpu if writes else None
+                results[key].add(len(chunk), seconds, cpu, server_cpu)
             done += len(chunk)
             say(
                 f"ingest round {index + 1}/{len(rounds)}: "
@@ -514,10 +571,11 @@ class SeedPipeline:
             raise RuntimeError(f"the seed-style pipeline failed: {value}")
         return value
 
-    def step(self, kind: str, paths: list[Path], start_id: int) -> Callable[[], float]:
+    def step(self, kind: str, paths: list[Path], start_id: int) -> Callable[[], tuple[float, float]]:
         """A step for the rotation: `kind` "pipeline" (decode ... collection.add) or "model" (the
-        fp32 model alone on the chunk, preprocessed beforehand); returns the seconds it took."""
-        return lambda: float(self._ask((kind, [str(p) for p in paths], start_id)))
+        fp32 model alone on the chunk, preprocessed beforehand); returns the seconds it took and
+        the CPU seconds its process spent meanwhile (chromadb's own threads included)."""
+        return lambda: tuple(self._ask((kind, [str(p) for p in paths], start_id)))
 
     def close(self) -> int:
         """The number of vectors in the collection; the process then ends."""
@@ -574,13 +632,13 @@ def _seed_process(connection, model_dir: str, chroma_path: str, batch: int, thre
                 continue
             if kind == "model":
                 pixels = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), process_cpu_seconds()
                 for i in range(0, len(pixels), batch):
                     encode(pixels[i : i + batch])
             else:
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), process_cpu_seconds()
                 pipeline(paths, start_id)
-            connection.send(("seconds", time.perf_counter() - started))
+            connection.send(("seconds", (time.perf_counter() - started, process_cpu_seconds() - cpu)))
     except Exception as exc:  # reported to the bench, which stops with it
         connection.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -1820,21 +1878,28 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             "model_fp32_glibc": "model only, fp32, in the seed-style process (glibc's allocator defaults)",
         }
         chroma_rate = ingest.get("chroma_fp32", {}).get("rate")
+        cores = report["machine"].get("nproc", "N")
         lines += [
             "## Ingest",
             "",
             f"Images/s over {report['images']} images, in rounds of {report['options']['round_size']}; every pipeline "
             "did every round, in rotating order (so each saw the same mix of machine load). Batch "
-            f"{report['options']['batch_size']}. The median of the per-round rates is shown too.",
+            f"{report['options']['batch_size']}. The median of the per-round rates is shown too. CPU: "
+            "milliseconds of CPU per image, all threads of the pipeline's process (the seed-style pipeline's "
+            "own process for its rows; chromadb's threads included) and, for clipgallery's bulk index, "
+            f"PostgreSQL's processes (the vector index build included). On {cores} cores a pipeline that keeps "
+            f"them all busy runs at {cores} × 1,000 / CPU images/s, so what end to end adds to the model's CPU "
+            "is what it loses against the model alone.",
             "",
             *_table(
-                ["pipeline", "images/s", "median round", "vs Chroma pipeline"],
+                ["pipeline", "images/s", "median round", "vs Chroma pipeline", "CPU ms/image: process + PostgreSQL"],
                 [
                     [
                         labels[k],
                         _f(v["rate"]),
                         _f(statistics.median(v["round_rates"])),
                         f"{v['rate'] / chroma_rate:.2f}×" if chroma_rate else "–",
+                        _cpu_per_image(v),
                     ]
                     for k, v in ingest.items()
                 ],
