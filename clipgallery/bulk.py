@@ -24,7 +24,7 @@ from sqlmodel import Session
 
 from clipgallery.db import deferred_vector_index
 from clipgallery.embedding import Embedder
-from clipgallery.gallery import delete_images, known_file_paths
+from clipgallery.gallery import delete_images, sweep_stale_pending
 from clipgallery.imaging import RejectedImage
 from clipgallery.ingest import IngestOutcome, PreparedImage, embed_prepared, prepare_image, store_prepared
 from clipgallery.storage import Storage
@@ -253,7 +253,7 @@ def index_folder(
     summary = IndexSummary()
 
     # Files of a run killed between writing and committing (older than a few minutes).
-    summary.orphans_removed = len(storage.sweep_orphans(known_file_paths(session)))
+    summary.orphans_removed = len(sweep_stale_pending(session, storage))
 
     files = find_images(root, recursive)
     known = _known_files(session, root)

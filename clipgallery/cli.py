@@ -111,6 +111,24 @@ def cmd_reembed(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_sweep_files(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery import db
+    from clipgallery.gallery import known_file_paths, sweep_stale_pending
+    from clipgallery.storage import Storage
+
+    if args.min_age < 0:
+        print("error: --min-age must be 0 or more seconds", file=sys.stderr)
+        return 2
+    storage = Storage(settings.upload_dir)
+    with db.session_scope(settings) as session:
+        removed = sweep_stale_pending(session, storage)
+        removed += storage.sweep_orphans(known_file_paths(session), min_age_seconds=args.min_age)
+    for relpath in removed:
+        print(f"removed {relpath}")
+    print(f"{len(removed)} stored files without an image removed")
+    return 0
+
+
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     from clipgallery import db
 
@@ -583,6 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurement")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "sweep-files",
+        help="delete stored files no image refers to, walking them all (after restoring an older database dump)",
+    )
+    p.add_argument(
+        "--min-age", type=float, default=600.0, help="spare files younger than this many seconds (default 600)"
+    )
+    p.set_defaults(func=cmd_sweep_files)
 
     sub.add_parser("status", help="database and model health").set_defaults(func=cmd_status)
     sub.add_parser("config", help="print the settings in force").set_defaults(func=cmd_config)

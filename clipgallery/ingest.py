@@ -168,68 +168,77 @@ def store_prepared(
 
         vectors = embed_prepared(embedder, new) if new else None
 
+        planned = [
+            (
+                prepared,
+                files.original_relpath(prepared.decoded.sha256, prepared.decoded.mime_type),
+                files.thumbnail_relpath(prepared.decoded.sha256, prepared.thumbnail_format),
+            )
+            for prepared in new
+        ]
         written: list[str] = []
-        try:
-            rows = []
-            for prepared in new:
-                decoded = prepared.decoded
-                stored = files.original_relpath(decoded.sha256, decoded.mime_type)
-                thumb = files.thumbnail_relpath(decoded.sha256, prepared.thumbnail_format)
-                if storage.write(stored, decoded.served_bytes):
-                    written.append(stored)
-                if storage.write(thumb, prepared.thumbnail):
-                    written.append(thumb)
-                rows.append(
-                    {
-                        "sha256": decoded.sha256,
-                        "original_filename": prepared.filename,
-                        "stored_path": stored,
-                        "thumbnail_path": thumb,
-                        "name": prepared.name,
-                        "description": prepared.description,
-                        "mime_type": decoded.mime_type,
-                        "width": decoded.width,
-                        "height": decoded.height,
-                        "byte_size": decoded.byte_size,
-                        "uploaded_by": uploaded_by,
-                    }
-                )
-            # Plain INSERT statements (a batch in one round trip each) rather than ORM objects:
-            # nothing here needs the objects, and building and flushing them was about a sixth of
-            # bulk indexing's non-model Python time (profiled with yappi).
-            image_ids: dict[str, int] = {}
-            if rows:
-                image_ids = dict(session.execute(insert(Image).returning(Image.sha256, Image.id), rows).all())
-                # Vectors go as numpy arrays in pgvector's binary format: the ORM column type would
-                # spell each of the 512 floats out as text first (0.2 ms per vector here).
-                session.execute(
-                    text(_INSERT_VECTOR_SQL),
-                    [
-                        {"id": image_ids[prepared.decoded.sha256], "model": model_id, "vector": vector}
-                        for prepared, vector in zip(new, vectors, strict=True)
-                    ],
-                )
-            for sha, image_id in image_ids.items():
-                outcomes[new_index[sha]].image_id = image_id
-            # Duplicates inside the batch point at the row added for their first copy.
-            for outcome, prepared in zip(outcomes, batch, strict=True):
-                if outcome.status == "duplicate" and outcome.image_id is None:
-                    outcome.image_id = outcomes[new_index[prepared.decoded.sha256]].image_id
-            if before_commit is not None:
-                before_commit(session, outcomes, batch)
-            session.commit()
-            return outcomes
-        except IntegrityError:
-            # Another process added the same content meanwhile: forget our copies, retry once
-            # (the retry sees those images as duplicates).
-            session.rollback()
-            _remove_unreferenced(session, storage, written)
-            if attempt == 1:
+        # Recorded while being written and committed: a process killed in between leaves the
+        # record, and the next bulk run removes those of the files no row refers to.
+        with storage.pending(path for _, stored, thumb in planned for path in (stored, thumb)):
+            try:
+                rows = []
+                for prepared, stored, thumb in planned:
+                    decoded = prepared.decoded
+                    if storage.write(stored, decoded.served_bytes):
+                        written.append(stored)
+                    if storage.write(thumb, prepared.thumbnail):
+                        written.append(thumb)
+                    rows.append(
+                        {
+                            "sha256": decoded.sha256,
+                            "original_filename": prepared.filename,
+                            "stored_path": stored,
+                            "thumbnail_path": thumb,
+                            "name": prepared.name,
+                            "description": prepared.description,
+                            "mime_type": decoded.mime_type,
+                            "width": decoded.width,
+                            "height": decoded.height,
+                            "byte_size": decoded.byte_size,
+                            "uploaded_by": uploaded_by,
+                        }
+                    )
+                # Plain INSERT statements (a batch in one round trip each) rather than ORM objects:
+                # nothing here needs the objects, and building and flushing them was about a sixth of
+                # bulk indexing's non-model Python time (profiled with yappi).
+                image_ids: dict[str, int] = {}
+                if rows:
+                    image_ids = dict(session.execute(insert(Image).returning(Image.sha256, Image.id), rows).all())
+                    # Vectors go as numpy arrays in pgvector's binary format: the ORM column type would
+                    # spell each of the 512 floats out as text first (0.2 ms per vector here).
+                    session.execute(
+                        text(_INSERT_VECTOR_SQL),
+                        [
+                            {"id": image_ids[prepared.decoded.sha256], "model": model_id, "vector": vector}
+                            for prepared, vector in zip(new, vectors, strict=True)
+                        ],
+                    )
+                for sha, image_id in image_ids.items():
+                    outcomes[new_index[sha]].image_id = image_id
+                # Duplicates inside the batch point at the row added for their first copy.
+                for outcome, prepared in zip(outcomes, batch, strict=True):
+                    if outcome.status == "duplicate" and outcome.image_id is None:
+                        outcome.image_id = outcomes[new_index[prepared.decoded.sha256]].image_id
+                if before_commit is not None:
+                    before_commit(session, outcomes, batch)
+                session.commit()
+                return outcomes
+            except IntegrityError:
+                # Another process added the same content meanwhile: forget our copies, retry once
+                # (the retry sees those images as duplicates).
+                session.rollback()
+                _remove_unreferenced(session, storage, written)
+                if attempt == 1:
+                    raise
+            except BaseException:
+                session.rollback()
+                _remove_unreferenced(session, storage, written)
                 raise
-        except BaseException:
-            session.rollback()
-            _remove_unreferenced(session, storage, written)
-            raise
     raise AssertionError("unreachable")
 
 
@@ -237,9 +246,9 @@ def _remove_unreferenced(session: Session, storage: Storage, written: list[str])
     if not written:
         return
     try:
-        from clipgallery.gallery import known_file_paths
+        from clipgallery.gallery import referenced_paths
 
-        referenced = known_file_paths(session)
+        referenced = referenced_paths(session, written)
     except Exception:
         session.rollback()
         referenced = set()

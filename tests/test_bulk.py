@@ -97,6 +97,49 @@ def test_renamed_changed_and_vanished_files(tmp_path, session, embedder, storage
     assert (again.skipped, again.missing) == (5, [])
 
 
+def test_files_a_killed_writer_left_are_swept_by_the_next_run_and_young_ones_spared(
+    tmp_path, session, embedder, storage
+):
+    root = tmp_path / "photos"
+    _make_folder(root, 2)
+    index_folder(session, embedder, storage, root, progress=False)
+    kept = sorted(known_file_paths(session))[0]  # a file a row refers to
+
+    # A writer killed inside `pending`: its record stays, naming files written without a row.
+    named = [kept, "originals/aa/bb/lost.jpg", "thumbs/aa/bb/lost.jpg", "thumbs/never/written.jpg", "../../outside"]
+    stale = storage.pending(named)
+    stale.__enter__()
+    storage.write("originals/aa/bb/lost.jpg", b"x")
+    storage.write("thumbs/aa/bb/lost.jpg", b"y")
+    (old_record,) = (storage.root / ".pending").glob("*.json")
+    an_hour_ago = time.time() - 3600
+    os.utime(old_record, (an_hour_ago, an_hour_ago))
+    # Another process's record, still being worked on.
+    young = storage.pending(["originals/cc/dd/busy.jpg"])
+    young.__enter__()
+    storage.write("originals/cc/dd/busy.jpg", b"z")
+
+    summary = index_folder(session, embedder, storage, root, progress=False)
+    assert summary.orphans_removed == 2
+    assert not old_record.exists() and len(list((storage.root / ".pending").glob("*.json"))) == 1
+    assert files_on_disk(storage) == known_file_paths(session) | {"originals/cc/dd/busy.jpg"}
+    assert kept in files_on_disk(storage)
+    young.__exit__(None, None, None)
+    assert list((storage.root / ".pending").glob("*.json")) == []
+
+
+def test_storing_and_deleting_leave_no_record_behind(tmp_path, session, embedder, storage):
+    from clipgallery.gallery import delete_images
+
+    root = tmp_path / "photos"
+    _make_folder(root, 3)
+    index_folder(session, embedder, storage, root, progress=False)
+    ids = session.execute(text("SELECT id FROM images")).scalars().all()
+    assert delete_images(session, storage, ids[:1]) == 1
+    assert files_on_disk(storage) == known_file_paths(session)
+    assert list((storage.root / ".pending").glob("*.json")) == []
+
+
 def test_metadata_csv_gives_names_and_descriptions(tmp_path, session, embedder, storage):
     root = tmp_path / "shop"
     root.mkdir()

@@ -61,6 +61,28 @@ def test_index_search_and_status_from_the_command_line(tmp_path, run):
     assert sql.stdout.strip() == "5"
 
 
+def test_sweep_files_removes_stored_files_without_an_image(tmp_path, run, settings):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    (folder / "kept.jpg").write_bytes(jpeg(700))
+    assert run("index", str(folder), "--quiet").returncode == 0
+    # A file restored from a backup newer than the database dump: no row refers to it.
+    stray = settings.upload_dir / "originals" / "ab" / "cd" / "stray.jpg"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(jpeg(701))
+
+    spared = run("sweep-files")  # younger than the default 10 minutes
+    assert spared.returncode == 0, spared.stderr
+    assert stray.exists() and "0 stored files without an image removed" in spared.stdout
+    swept = run("sweep-files", "--min-age", "0")
+    assert swept.returncode == 0, swept.stderr
+    assert not stray.exists() and "1 stored files without an image removed" in swept.stdout
+    assert "originals/ab/cd/stray.jpg" in swept.stdout
+    status = run("status")
+    assert "images:   1" in status.stdout  # the indexed image and its files are untouched
+    assert len(list((settings.upload_dir / "originals").rglob("*.jpg"))) == 1
+
+
 def test_errors_are_one_clear_line_not_a_traceback(tmp_path, run):
     for args, words in [
         (("search", "x", "-k", "0"), "k must be between"),
