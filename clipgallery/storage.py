@@ -127,7 +127,8 @@ class Storage:
                 continue
             except ValueError:  # cut short while being written: no file was written after it
                 relpaths = []
-            stale.append((record, [p for p in relpaths if isinstance(p, str)]))
+            names = [p for p in relpaths if isinstance(p, str)] if isinstance(relpaths, list) else []
+            stale.append((record, names))
         return stale
 
     def iter_files(self) -> Iterator[Path]:
