@@ -178,7 +178,7 @@ def store_prepared(
         ]
         written: list[str] = []
         # Recorded while being written and committed: a process killed in between leaves the
-        # record, and the next bulk run removes those of the files no row refers to.
+        # record, and the next bulk run or server start removes those of the files no row refers to.
         with storage.pending(path for _, stored, thumb in planned for path in (stored, thumb)):
             try:
                 rows = []

@@ -84,15 +84,24 @@ def serve(settings: Settings, port: int = 3000, env: str = "prod") -> int:
     (0 when it stopped because it was asked to). The embedded database server started here
     stops when this process exits.
     """
+    from clipgallery.gallery import sweep_stale_pending
+    from clipgallery.storage import Storage
+
     command = reflex_command(port, env)
     if not (node_bin_dir() / "node").exists():
         log.warning("Node.js 22 not found in %s; relying on `node` from PATH (run `make install`)", node_bin_dir())
 
     url = db.database_url(settings)
     db.migrate(settings)
+    settings.upload_dir.mkdir(parents=True, exist_ok=True)
+    # Files a process killed while storing or deleting images left without a row (an upload as
+    # well as a bulk run): found through its record, not a walk over every file.
+    with db.session_scope(settings) as session:
+        removed = sweep_stale_pending(session, Storage(settings.upload_dir))
+    if removed:
+        log.info("removed %d stored files a killed process left without an image", len(removed))
     # The app opens its own connections; this process only keeps the embedded server alive.
     db.dispose_engines()
-    settings.upload_dir.mkdir(parents=True, exist_ok=True)
 
     child = subprocess.Popen(command, cwd=PROJECT_ROOT, env=reflex_env(url, settings), start_new_session=True)
     stop_requested_at: float | None = None

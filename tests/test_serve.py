@@ -53,6 +53,16 @@ def test_serve_starts_without_model_and_stops_cleanly(tmp_path: Path) -> None:
         REFLEX_WEB_WORKDIR=str(tmp_path / "web"),
     )
     base = f"http://127.0.0.1:{port}"
+    # A process killed while storing an upload left its record of the files in flight and a file.
+    uploads = tmp_path / "uploads"
+    lost = uploads / "originals" / "ab" / "cd" / "lost.jpg"
+    lost.parent.mkdir(parents=True)
+    lost.write_bytes(b"not committed")
+    (uploads / ".pending").mkdir()
+    record = uploads / ".pending" / "0123456789abcdef.json"
+    record.write_text('["originals/ab/cd/lost.jpg", "thumbs/ab/cd/lost.jpg"]')
+    an_hour_ago = time.time() - 3600
+    os.utime(record, (an_hour_ago, an_hour_ago))
 
     with log_path.open("wb") as log:
         server = subprocess.Popen(
@@ -80,6 +90,7 @@ def test_serve_starts_without_model_and_stops_cleanly(tmp_path: Path) -> None:
         assert body["model"]["ok"] is False, body
         assert body["model"]["detail"].strip(), body
         assert body["images"] == 0, body
+        assert not lost.exists() and not record.exists(), "the killed upload's file was not swept at start"
 
         page = httpx.get(f"{base}/", timeout=10)
         assert page.status_code == 200
