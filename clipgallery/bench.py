@@ -514,7 +514,9 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
                     continue
                 seconds, cpu = time.perf_counter() - started, process_cpu_seconds() - cpu
                 writes = key.startswith("clipgallery_") and server_cpu is not None
-                server_cpu = server_cpu_seconds() - server_cpu if writes else None
+                # Whole clock ticks (10 ms), and a process that ended between the two readings but
+                # was not collected yet drops out of both sums: a tiny round can read 0 or less.
+                server_cpu = max(0.0, server_cpu_seconds() - server_cpu) if writes else None
                 results[key].add(len(chunk), seconds, cpu, server_cpu)
             done += len(chunk)
             say(
