@@ -504,8 +504,9 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
                 steps.append(("model_fp32_glibc", seed.step("model", chunk, done)))
             for key, run in _rotate(steps, index):
                 gc.collect()
-                # The scan of PostgreSQL's processes comes first: it is not the pipeline's time.
-                server_cpu = server_cpu_seconds()
+                # Only the bulk index writes to PostgreSQL. The scan of its processes comes before
+                # the clocks start: it is not the pipeline's time.
+                server_cpu = server_cpu_seconds() if key.startswith("clipgallery_") else None
                 cpu, started = process_cpu_seconds(), time.perf_counter()
                 # The seed process's own (wall, CPU) timing (no pipe); else measured here.
                 timing = run()
@@ -513,10 +514,10 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
                     results[key].add(len(chunk), *timing)
                     continue
                 seconds, cpu = time.perf_counter() - started, process_cpu_seconds() - cpu
-                writes = key.startswith("clipgallery_") and server_cpu is not None
-                # Whole clock ticks (10 ms), and a process that ended between the two readings but
-                # was not collected yet drops out of both sums: a tiny round can read 0 or less.
-                server_cpu = max(0.0, server_cpu_seconds() - server_cpu) if writes else None
+                if server_cpu is not None:
+                    # Whole clock ticks (10 ms), and a process that ended between the two readings
+                    # but was not collected yet drops out of both sums: a tiny round can read 0 or less.
+                    server_cpu = max(0.0, server_cpu_seconds() - server_cpu)
                 results[key].add(len(chunk), seconds, cpu, server_cpu)
             done += len(chunk)
             say(
