@@ -109,6 +109,20 @@ def test_paging_through_hybrid_results_has_no_gaps_or_repeats(gallery, session, 
     assert set(collected[:2]) == {gallery[7], gallery[20]}
 
 
+def test_a_text_match_without_a_vector_of_the_model_is_left_out_and_pages_stay_exact(gallery, session, embedder):
+    """The page is cut before the images are joined: an image the words match but the model has
+    no vector of must neither show nor make the page one short or `has_more` wrong."""
+    update_image(session, gallery[3], name="Lighthouse")
+    update_image(session, gallery[4], name="Lighthouse keeper")
+    session.execute(text("DELETE FROM image_embeddings WHERE image_id = :id"), {"id": gallery[4]})
+    whole = search_text(session, embedder, "lighthouse", k=29)
+    ids = [h.id for h in whole.hits]
+    assert ids[0] == gallery[3] and gallery[4] not in ids
+    assert len(ids) == 29 and not whole.has_more
+    assert search_text(session, embedder, "lighthouse", k=28).has_more
+    assert ids_page_by_page(session, embedder, "lighthouse", k=6) == ids
+
+
 @pytest.mark.parametrize("query", ["the of a", "'; DROP TABLE images; --", "!!! ::: &&& |||", "x" * 1000])
 def test_odd_queries_run_and_leave_the_table_alone(query, gallery, session, embedder):
     page = search_text(session, embedder, query, k=5)
