@@ -1007,6 +1007,12 @@ def _fingerprint(base: np.ndarray, identity, n: int, settings: Settings) -> str:
     return digest.hexdigest()[:16]
 
 
+def size_database_name(n: int, identity) -> str:
+    """One database per size and model: a large one is kept for reuse, and a bench of another
+    model (a trained one, `--model`) must neither rebuild nor wait for the default model's."""
+    return f"{DATABASE_PREFIX}n{n}_{hashlib.sha256(str(identity).encode()).hexdigest()[:8]}"
+
+
 def prepare_size_database(
     server: Server, embedder, base: np.ndarray, n: int, data: np.ndarray, options: BenchOptions, say: Log
 ) -> SizeDatabase:
@@ -1016,7 +1022,7 @@ def prepare_size_database(
     from clipgallery import db
     from clipgallery.models import HNSW_INDEX_NAME, hnsw_index_statements
 
-    name = f"{DATABASE_PREFIX}n{n}"
+    name = size_database_name(n, embedder.identity)
     settings = server.settings_for(name)
     fingerprint = _fingerprint(base, embedder.identity, n, settings)
     reusable = n >= REUSE_MIN_SIZE and not options.rebuild
