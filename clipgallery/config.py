@@ -111,11 +111,13 @@ class Settings:
 
     # Search
     index_metric: str = "cosine"
-    # m 48 / ef_construction 128, from the bench's curves (docs/benchmarks.md): on its hard synthetic
-    # data recall@10 levels off whatever ef_search, at a height set by m (1M vectors: 0.89 m 16,
-    # 0.94 m 32, 0.97 m 48); m 48 cost 1.9x m 32's build time and 3 % more index.
+    # m 48 / ef_construction 256, from the bench's curves (docs/benchmarks.md, docs/scaling.md): on
+    # its hard synthetic data recall@10 levels off whatever ef_search, at a height set by the graph's
+    # build (100k vectors: 0.88 m 16, 0.93 m 32, 0.95-0.97 m 48 at ef_construction 128). At 1M
+    # vectors of the trained fashion model, image-like queries: 0.942 at ef_construction 128, 0.958
+    # at 256 (same index size, build 1.65x longer: 16 instead of 10 minutes here).
     hnsw_m: int = 48
-    hnsw_ef_construction: int = 128
+    hnsw_ef_construction: int = 256
     # ef_search per kind of query. A text query lies far from every image (CLIP's modality gap), so
     # its graph walk needs a wide beam: with the trained fashion model at 100k vectors its
     # recall@10 is 0.51 at ef_search 40 and 0.67 at 100. An image's neighbours are close: 1.000
