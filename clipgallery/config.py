@@ -121,8 +121,8 @@ class Settings:
     # ef_search per kind of query. A text query lies far from every image (CLIP's modality gap), so
     # its graph walk needs a wide beam: with the trained fashion model at 100k vectors its
     # recall@10 is 0.51 at ef_search 40 and 0.67 at 100. An image's neighbours are close: 1.000
-    # from ef_search 10 there, and on the bench's 1M set 0.966 at 40 against 0.970 at 100, for two
-    # thirds of the p95 latency (docs/scaling.md#recall-per-kind-of-query).
+    # from ef_search 10 there, and on the fashion model's 1M set 0.958 at 40 against 0.963 at 100
+    # (SQL p95 3.3 against 4.0 ms; docs/scaling.md#recall-per-kind-of-query).
     hnsw_ef_search: int = 100  # text queries, and vectors of unknown origin
     hnsw_ef_search_image: int = 40  # image queries: upload, URL, "more like this"
     default_k: int = 20
