@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from clipgallery.bench import BenchOptions, run_bench, write_report
+from clipgallery.bench import BenchOptions, run_bench, size_database_name, write_report
 from clipgallery.cli import build_parser
-from clipgallery.embedding import native_bf16
+from clipgallery.embedding import ModelIdentity, native_bf16
 from tests.conftest import fresh_database, picture
 
 
@@ -111,6 +111,16 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     # Throwaway databases are gone (small sizes are not kept).
     names = pg_server.psql("SELECT datname FROM pg_database WHERE datname LIKE 'bench_%';")
     assert "bench_" not in names.replace("datname", "")
+
+
+def test_kept_databases_are_one_per_size_and_model():
+    """A bench of a trained model must not drop the default model's kept 1M set to build its own."""
+    default = ModelIdentity("ViT-B-32", "sha256:aa", 512)
+    trained = ModelIdentity("lit-rn", "sha256:bb", 384)
+    assert size_database_name(1_000_000, default) == size_database_name(1_000_000, default)
+    assert size_database_name(1_000_000, default) != size_database_name(1_000_000, trained)
+    assert size_database_name(1_000_000, default) != size_database_name(100_000, default)
+    assert size_database_name(1_000_000, default).startswith("bench_n1000000_")
 
 
 def test_a_bad_recall_queries_file_is_refused_before_any_work(tmp_path):
