@@ -113,9 +113,11 @@ class Settings:
     index_metric: str = "cosine"
     # m 48 / ef_construction 256, from the bench's curves (docs/benchmarks.md, docs/scaling.md): on
     # its hard synthetic data recall@10 levels off whatever ef_search, at a height set by the graph's
-    # build (100k vectors: 0.88 m 16, 0.93 m 32, 0.95-0.97 m 48 at ef_construction 128). At 1M
-    # vectors of the trained fashion model, image-like queries: 0.942 at ef_construction 128, 0.958
-    # at 256 (same index size, build 1.65x longer: 16 instead of 10 minutes here).
+    # build (100k vectors: 0.89 m 16, 0.98 m 32 and 0.97 m 48 at ef_construction 128, 0.99 m 48 at
+    # 256; builds vary by a few points). At 1M vectors of the trained fashion model, image-like
+    # queries: 0.942 at ef_construction 128, 0.958 at 256 (same index size, build 1.65x longer: 16
+    # instead of 10 minutes here); the random-weight model's 1M set, harder still, did not gain
+    # (0.927 -> 0.902, one build each).
     hnsw_m: int = 48
     hnsw_ef_construction: int = 256
     # ef_search per kind of query. A text query lies far from every image (CLIP's modality gap), so
