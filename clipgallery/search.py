@@ -23,6 +23,7 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from clipgallery.config import METRICS, Settings
+from clipgallery.db import fetch_rows
 from clipgallery.embedding import Embedder
 from clipgallery.gallery import (
     MODEL_STATE_COLUMNS,
@@ -363,15 +364,15 @@ def search_vector(
     configs: list[str] = []
     if uses_index:
         beam = min(MAX_EF_SEARCH, max(ef_search or settings.hnsw_ef_search, depth))
-        configs.append(f"set_config('hnsw.ef_search', '{int(beam)}', true)")
+        configs.append(f"set_config('hnsw.ef_search', '{int(beam)}', true) AS ef_search")
         # Filters (model, threshold, excluded image) can drop candidates: the iterative scan keeps
         # searching the graph until the page is full.
         if _has_iterative_scan(session):
-            configs.append("set_config('hnsw.iterative_scan', 'strict_order', true)")
+            configs.append("set_config('hnsw.iterative_scan', 'strict_order', true) AS iterative_scan")
     if keywords:
         # A word in tens of thousands of images would make the GIN index list them all; a random
         # sample of about this many is what the keyword side can use anyway (KEYWORD_SCAN_LIMIT).
-        configs.append(f"set_config('gin_fuzzy_search_limit', '{GIN_FUZZY_SEARCH_LIMIT}', true)")
+        configs.append(f"set_config('gin_fuzzy_search_limit', '{GIN_FUZZY_SEARCH_LIMIT}', true) AS gin_limit")
     # Only an unfiltered keyword side is cached: a filter may read other tables (the uploader's name).
     cacheable = bool(keywords) and not filter_sql and exclude_image_id is None
     columns = [*configs, *([IMAGES_STATE_COLUMNS] if cacheable else [])]
@@ -379,13 +380,13 @@ def search_vector(
         # A bulk run may have dropped the index for its duration (`db.deferred_vector_index`): the
         # same statement then scans every vector, and the page says it is exact.
         columns.append(f"to_regclass('{HNSW_INDEX_NAME}') IS NOT NULL AS vector_index_present")
+    # The two statements of a repeated query go through the driver directly (`db.fetch_rows`).
     if isinstance(model, Embedder):
-        state = session.execute(
-            text(f"SELECT {', '.join([*columns, MODEL_STATE_COLUMNS])}"), model_state_params(model)
-        ).one()
+        state_sql = f"SELECT {', '.join([*columns, MODEL_STATE_COLUMNS])}"
+        state = fetch_rows(session, state_sql, model_state_params(model))[0]
         params["model_id"] = gallery_model_id(session, model, state)
     else:
-        state = session.execute(text(f"SELECT {', '.join(columns)}")).one() if columns else None
+        state = fetch_rows(session, f"SELECT {', '.join(columns)}")[0] if columns else None
         params["model_id"] = model
     if keywords:
         key, settled = None, False
@@ -401,7 +402,7 @@ def search_vector(
             )
         params["keyword_ids"] = _cached_keyword_ranking(session, keyword_sql, params, key, bool(settled))
     params["query"] = np.asarray(vector.result() if isinstance(vector, Future) else vector, dtype=np.float32)
-    rows = session.execute(text(sql), params).all()
+    rows = fetch_rows(session, sql, params)
     hits = [
         SearchHit(
             id=row.id,

@@ -233,3 +233,20 @@ def test_filters_narrow_browsing_and_similarity_search_alike(session, embedder, 
     assert sorted(h.name for h in hits.hits) == ["Blue shoes", "Red 50% off_sale"]
     with pytest.raises(InvalidQuery, match="Unknown format"):
         search_text(session, embedder, "x", filters=ImageFilters(mime_type="text/html"))
+
+
+def test_statements_run_through_the_driver_keep_their_parameters_casts_and_transaction(session):
+    """`db.fetch_rows`, the search path's way to the database: `:name` parameters as for text(),
+    a literal % and :: casts untouched, run in the session's own transaction."""
+    from clipgallery.db import fetch_rows
+
+    session.execute(text("CREATE TEMPORARY TABLE scratch (value text) ON COMMIT DROP"))
+    session.execute(text("INSERT INTO scratch VALUES ('seen')"))
+    (row,) = fetch_rows(
+        session,
+        "SELECT '50%' AS share, CAST(:number AS integer) + 1 AS next, CAST(:word AS text) || 's'::text AS plural, "
+        "(SELECT value FROM scratch) AS same_transaction",
+        {"number": 41, "word": "cat"},
+    )
+    assert (row.share, row.next, row.plural, row.same_transaction) == ("50%", 42, "cats", "seen")
+    session.rollback()
