@@ -290,7 +290,8 @@ def hybrid_search_sql(
     # The page is cut before the images are joined, and only the keyword side's own rows look up
     # their vector: joining all 2 x depth fused rows to both tables was a third of the statement
     # (160 index probes at depth 40). An image without a vector of this model (distance NULL)
-    # drops out, as the join did; everything is read in the statement's one snapshot.
+    # drops out, as the join did; everything is read in the statement's one snapshot. `fused` is
+    # materialised so a keyword-only row's vector is read once, not again for the ORDER BY.
     return (
         "WITH semantic AS ("
         f"SELECT e.image_id AS id, {distance_sql} AS distance "
@@ -298,7 +299,7 @@ def hybrid_search_sql(
         f"ORDER BY distance, e.image_id LIMIT {int(depth)}), "
         "semantic_ranked AS (SELECT id, distance, row_number() OVER (ORDER BY distance, id) AS rank FROM semantic), "
         "keyword AS (SELECT k.id, k.rank FROM unnest(CAST(:keyword_ids AS integer[])) WITH ORDINALITY AS k(id, rank)), "
-        "fused AS ("
+        "fused AS MATERIALIZED ("
         "SELECT coalesce(s.id, k.id) AS id, "
         "coalesce(1.0 / (:rrf_k + s.rank), 0) + coalesce(1.0 / (:rrf_k + k.rank), 0) AS score, "
         "k.rank IS NOT NULL AS text_match, "
