@@ -266,15 +266,22 @@ def fetch_rows(session: Session, sql: str, params: Mapping[str, Any] | None = No
     """The rows of one statement (`:name` parameters, as for `text()`), run by psycopg itself on
     the session's connection, in its transaction. For the search path: SQLAlchemy's handling of a
     statement and its result cost about 0.15 ms, and a search sends two (repeated query at 1M
-    vectors 2.40 -> 2.08 ms, docs/benchmarks.md). An error is psycopg's own, not wrapped; a broken
-    connection is still caught by the pool's ping at the next checkout. Columns are read by name,
-    so each must have a distinct one that is a Python identifier."""
+    vectors 2.40 -> 2.08 ms, docs/benchmarks.md). An error is psycopg's own, not wrapped. Columns
+    are read by name, so each must have a distinct one that is a Python identifier."""
     from psycopg.rows import namedtuple_row
 
-    driver_connection = session.connection().connection.driver_connection
-    with driver_connection.cursor(row_factory=namedtuple_row) as cursor:
-        cursor.execute(_driver_statement(sql), params or {})
-        return cursor.fetchall()
+    connection = session.connection()
+    driver_connection = connection.connection.driver_connection
+    try:
+        with driver_connection.cursor(row_factory=namedtuple_row) as cursor:
+            cursor.execute(_driver_statement(sql), params or {})
+            return cursor.fetchall()
+    except Exception:
+        # What SQLAlchemy does when its own statement loses the connection (a server restart):
+        # it leaves the pool, so the caller's rollback succeeds and the next checkout connects anew.
+        if driver_connection.broken or driver_connection.closed:
+            connection.invalidate()
+        raise
 
 
 def server_info(engine: Engine) -> ServerInfo:

@@ -250,3 +250,19 @@ def test_statements_run_through_the_driver_keep_their_parameters_casts_and_trans
     )
     assert (row.share, row.next, row.plural, row.same_transaction) == ("50%", 42, "cats", "seen")
     session.rollback()
+
+
+def test_a_connection_lost_under_a_search_statement_is_replaced(session, settings):
+    """As with SQLAlchemy's own statements: the failed statement raises, the rollback succeeds and
+    the session's next statement runs on a new connection."""
+    import psycopg
+
+    from clipgallery.db import database_url, fetch_rows, libpq_url
+
+    pid = fetch_rows(session, "SELECT pg_backend_pid() AS pid")[0].pid
+    with psycopg.connect(libpq_url(database_url(settings)), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(psycopg.OperationalError):
+        fetch_rows(session, "SELECT 1 AS one")
+    session.rollback()
+    assert fetch_rows(session, "SELECT pg_backend_pid() AS pid")[0].pid != pid
