@@ -1196,11 +1196,6 @@ def sensitivity(server: Server, base: np.ndarray, n: int, queries: int, ef: int,
     return rows
 
 
-def _psycopg_sql(sql: str) -> str:
-    # SQLAlchemy's :name parameters as psycopg's %(name)s (not the :: of a cast).
-    return re.sub(r"(?<!:):(\w+)", r"%(\1)s", sql)
-
-
 def prewarm(server: Server, sdb: SizeDatabase) -> str:
     """Load the vectors and their indexes into shared_buffers (pg_prewarm), so the latencies are
     those of a server that has been answering queries, not of one reading a rebuilt or reused
@@ -1224,11 +1219,10 @@ def prewarm(server: Server, sdb: SizeDatabase) -> str:
 
 
 def index_sql(storage: str, dim: int, exact: bool = False) -> str:
+    from clipgallery.db import driver_sql
     from clipgallery.search import search_sql
 
-    sql = _psycopg_sql(
-        search_sql("cosine", uses_index=not exact, with_threshold=False, with_exclude=False, limit=K + 1)
-    )
+    sql = driver_sql(search_sql("cosine", uses_index=not exact, with_threshold=False, with_exclude=False, limit=K + 1))
     if storage == "halfvec":
         old = "(e.embedding <=> %(query)s)"
         assert old in sql

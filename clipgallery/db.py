@@ -257,7 +257,7 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
 
 
 @lru_cache(maxsize=512)
-def _driver_statement(sql: str) -> str:
+def driver_sql(sql: str) -> str:
     """`sql` with its `:name` parameters in psycopg's own style (`%(name)s`, a literal % doubled)."""
     return str(text(sql).compile(dialect=psycopg_dialect()))
 
@@ -274,7 +274,7 @@ def fetch_rows(session: Session, sql: str, params: Mapping[str, Any] | None = No
     driver_connection = connection.connection.driver_connection
     try:
         with driver_connection.cursor(row_factory=namedtuple_row) as cursor:
-            cursor.execute(_driver_statement(sql), params or {})
+            cursor.execute(driver_sql(sql), params or {})
             return cursor.fetchall()
     except Exception:
         # What SQLAlchemy does when its own statement loses the connection (a server restart):
