@@ -1101,7 +1101,8 @@ def prepare_size_database(
             notices.clear()
             say(f"{name}: building the HNSW index ({kind})")
             started = time.perf_counter()
-            conn.execute(statements[kind])
+            with db.sized_for_index_build(conn, settings):  # as the app builds it
+                conn.execute(statements[kind])
             seconds = time.perf_counter() - started
             index = HNSW_INDEX_NAME if kind == "vector" else HALFVEC_INDEX
             size = conn.execute("SELECT pg_relation_size(%s)", (index,)).fetchone()[0]

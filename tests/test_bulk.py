@@ -319,6 +319,51 @@ def test_a_run_that_doubles_the_gallery_builds_the_vector_index_once_at_its_end(
     assert len(search_text(session, embedder, "a photo", k=50).hits) == 16
 
 
+def test_an_index_build_asks_for_the_memory_its_graph_needs_and_a_parallel_worker():
+    """Not the gigabytes sized for a million vectors (a parallel build reserves all of it up
+    front), never more than the server allows, and at least the 32 MB per participant below
+    which PostgreSQL plans no worker."""
+    mb, gb = 2**20, 2**30
+    small = db.index_build_settings(1_024, 512, 48, 6 * gb, workers=1)
+    assert small == {"maintenance_work_mem": f"{64 * mb // 1024}kB", "min_parallel_table_scan_size": "0"}
+    graph = 100_000 * (4 * 512 + 32 * 48 + 200) * 1.5  # 568 MB
+    assert db.index_build_settings(100_000, 512, 48, 6 * gb, workers=1)["maintenance_work_mem"] == (
+        f"{int(graph) // 1024}kB"
+    )
+    assert db.index_build_settings(2_000_000, 512, 48, 6 * gb, 1)["maintenance_work_mem"] == f"{6 * gb // 1024}kB"
+    assert db.index_build_settings(10, 512, 16, 16 * mb, 2)["maintenance_work_mem"] == f"{16 * mb // 1024}kB"
+    # A vector column without a dimension counts as HNSW's largest.
+    assert db.index_build_settings(50_000, -1, 16, 6 * gb, 1) == db.index_build_settings(50_000, 2000, 16, 6 * gb, 1)
+
+
+def test_the_index_build_settings_hold_for_the_build_only(settings, session, embedder, storage):
+    from clipgallery.ingest import ingest_image
+
+    ingest_image(session, embedder, storage, jpeg(3), "three.jpg", "Three")
+    session.commit()
+    with db.get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+
+        def show(name):
+            return connection.execute(text(f"SHOW {name}")).scalar_one()
+
+        def memory_bytes():
+            return connection.execute(text("SELECT pg_size_bytes(current_setting('maintenance_work_mem'))")).scalar()
+
+        server_values = {name: show(name) for name in ("maintenance_work_mem", "min_parallel_table_scan_size")}
+        configured, workers = memory_bytes(), int(show("max_parallel_maintenance_workers"))
+        with db.sized_for_index_build(connection.connection.driver_connection, settings) as chosen:
+            assert show("min_parallel_table_scan_size") == "0"
+            # One vector: the floor that lets the server's workers take part, within its setting.
+            assert memory_bytes() == min(configured, 32 * 2**20 * (workers + 1))
+            dimension = embedder.identity.dimension
+            assert chosen == db.index_build_settings(1, dimension, settings.hnsw_m, configured, workers)
+        assert {name: show(name) for name in server_values} == server_values
+        connection.execute(text(f"DROP INDEX {HNSW_INDEX_NAME}"))
+        assert db.ensure_vector_index(connection, settings)
+        assert {name: show(name) for name in server_values} == server_values
+    assert _vector_index(session) is not None
+
+
 def test_a_failed_run_still_builds_the_vector_index_it_held_back(tmp_path, session, embedder, storage, monkeypatch):
     import clipgallery.bulk as bulk
 
