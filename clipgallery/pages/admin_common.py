@@ -14,9 +14,11 @@ from collections.abc import Callable
 
 import reflex as rx
 
-from clipgallery import auth
+from clipgallery import auth, db, gallery
 from clipgallery.components.layout import page_shell
+from clipgallery.config import get_settings
 from clipgallery.pages.session import SessionState, admin_for_token
+from clipgallery.storage import Storage
 
 ADMIN_SECTIONS = (
     ("Upload", "/admin", "upload"),
@@ -25,6 +27,7 @@ ADMIN_SECTIONS = (
     ("Index & re-embed", "/admin/jobs", "folder-sync"),
     ("Users", "/admin/users", "users"),
 )
+MAX_DELETE_AT_ONCE = 500  # ids one confirmation deletes (the dialog says how many)
 
 
 class Refused(Exception):
@@ -72,6 +75,64 @@ class AdminState(SessionState):
         except Refused as refused:
             return self._refusal(refused)
         return None
+
+
+def _delete_images(image_ids: list[int]) -> int:
+    settings = get_settings()
+    with db.session_scope(settings) as session:
+        return gallery.delete_images(session, Storage(settings.upload_dir), image_ids)
+
+
+class DeleteImagesMixin(rx.State, mixin=True):
+    """Deleting images from an admin page: `ask_delete` opens the confirmation (`delete_dialog`),
+    `confirm_delete` deletes and calls the page's `_after_delete`. For states that also derive
+    from AdminState (the administrator is checked at both steps)."""
+
+    delete_open: bool = False
+    delete_ids: rx.Field[list[str]] = rx.field(default_factory=list)
+    busy: bool = False
+
+    @rx.var
+    def delete_prompt(self) -> str:
+        n = len(self.delete_ids)
+        return f"Delete {n} image{'s' if n != 1 else ''}?"
+
+    async def _after_delete(self, image_ids: list[int]) -> None:
+        """What the page shows once `image_ids` are gone."""
+
+    @rx.event
+    async def ask_delete(self, image_ids: list[str]):
+        try:
+            await self._require_admin()
+        except Refused as refused:
+            return self._refusal(refused)
+        self.delete_ids = [str(i) for i in image_ids][:MAX_DELETE_AT_ONCE]
+        self.delete_open = bool(self.delete_ids)
+        return None
+
+    @rx.event
+    async def confirm_delete(self):
+        try:
+            await self._require_admin()
+        except Refused as refused:
+            self.delete_open = False
+            return self._refusal(refused)
+        ids = [int(i) for i in self.delete_ids]
+        self.busy = True
+        try:
+            deleted = await asyncio.to_thread(_delete_images, ids)
+        finally:
+            self.busy = False
+        self.delete_open = False
+        self.delete_ids = []
+        await self._after_delete(ids)
+        return rx.toast.success(f"Deleted {deleted} image{'s' if deleted != 1 else ''}.")
+
+    @rx.event
+    def set_delete_open(self, value: bool):
+        self.delete_open = value
+        if not value:
+            self.delete_ids = []
 
 
 def admin_on_load(*handlers: Callable) -> list:
@@ -149,9 +210,8 @@ def admin_frame(current: str, title: str, subtitle: str, *children: rx.Component
     )
 
 
-def delete_dialog(state: type[rx.State]) -> rx.Component:
-    """The "delete for good?" confirmation of an admin page. `state` has delete_prompt, delete_open,
-    busy, confirm_delete and set_delete_open."""
+def delete_dialog(state: type[DeleteImagesMixin]) -> rx.Component:
+    """The "delete for good?" confirmation of an admin page."""
     return rx.alert_dialog.root(
         rx.alert_dialog.content(
             rx.alert_dialog.title(state.delete_prompt),

@@ -20,6 +20,7 @@ from clipgallery import db, duplicates, gallery
 from clipgallery.config import get_settings
 from clipgallery.pages.admin_common import (
     AdminState,
+    DeleteImagesMixin,
     Refused,
     admin_frame,
     check_admin_token,
@@ -28,7 +29,6 @@ from clipgallery.pages.admin_common import (
     human_bytes,
 )
 from clipgallery.search import InvalidQuery
-from clipgallery.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,6 @@ def _scan(max_distance: float, progress: ScanProgress) -> list[duplicates.Duplic
         )
 
 
-def _delete(image_ids: list[int]) -> int:
-    settings = get_settings()
-    with db.session_scope(settings) as session:
-        return gallery.delete_images(session, Storage(settings.upload_dir), image_ids)
-
-
 def _parse_similarity(raw: object) -> float:
     try:
         value = float(str(raw).strip())
@@ -121,7 +115,7 @@ def _parse_similarity(raw: object) -> float:
     return value
 
 
-class DuplicatesState(AdminState):
+class DuplicatesState(DeleteImagesMixin, AdminState):
     # The threshold in force, as typed; it starts at the configured one.
     min_similarity: str = f"{1.0 - get_settings().duplicate_distance:.3f}"
     shown_similarity: str = ""  # the threshold of the groups shown
@@ -134,10 +128,6 @@ class DuplicatesState(AdminState):
     total: int = 0
     seconds: str = ""
     error: str = ""
-
-    delete_open: bool = False
-    delete_ids: rx.Field[list[str]] = rx.field(default_factory=list)
-    busy: bool = False
 
     # Every group found (server side only): the page shows the first SHOWN_GROUPS of them.
     _found: list[duplicates.DuplicateGroup] = rx.field(default_factory=list)
@@ -158,11 +148,6 @@ class DuplicatesState(AdminState):
             f"{groups} of near-duplicates ({self.image_count} images{shown}) at similarity ≥ {self.shown_similarity}"
             f" ({self.seconds} s)."
         )
-
-    @rx.var
-    def delete_prompt(self) -> str:
-        n = len(self.delete_ids)
-        return f"Delete {n} image{'s' if n != 1 else ''}?"
 
     def _show(self, found: list[duplicates.DuplicateGroup]) -> None:
         self._found = found
@@ -239,39 +224,8 @@ class DuplicatesState(AdminState):
                 self.scanning = False
         return DuplicatesState.scan if again else None
 
-    @rx.event
-    async def ask_delete(self, image_ids: list[str]):
-        try:
-            await self._require_admin()
-        except Refused as refused:
-            return self._refusal(refused)
-        self.delete_ids = [str(i) for i in image_ids][:100]
-        self.delete_open = bool(self.delete_ids)
-        return None
-
-    @rx.event
-    async def confirm_delete(self):
-        try:
-            await self._require_admin()
-        except Refused as refused:
-            self.delete_open = False
-            return self._refusal(refused)
-        ids = [int(i) for i in self.delete_ids]
-        self.busy = True
-        try:
-            deleted = await asyncio.to_thread(_delete, ids)
-        finally:
-            self.busy = False
-        self.delete_open = False
-        self.delete_ids = []
-        self._show(duplicates.without_images(self._found, ids))
-        return rx.toast.success(f"Deleted {deleted} image{'s' if deleted != 1 else ''}.")
-
-    @rx.event
-    def set_delete_open(self, value: bool):
-        self.delete_open = value
-        if not value:
-            self.delete_ids = []
+    async def _after_delete(self, image_ids: list[int]) -> None:
+        self._show(duplicates.without_images(self._found, image_ids))
 
 
 # --- page ------------------------------------------------------------------------------------------

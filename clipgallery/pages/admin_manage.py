@@ -14,7 +14,15 @@ import reflex as rx
 from clipgallery import db, gallery, ingest
 from clipgallery.config import get_settings
 from clipgallery.embedding import ModelUnavailableError, get_embedder
-from clipgallery.pages.admin_common import AdminState, Refused, admin_frame, delete_dialog, field_label, human_bytes
+from clipgallery.pages.admin_common import (
+    AdminState,
+    DeleteImagesMixin,
+    Refused,
+    admin_frame,
+    delete_dialog,
+    field_label,
+    human_bytes,
+)
 from clipgallery.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -64,12 +72,6 @@ def _update(image_id: int, name: str, description: str) -> gallery.ImageRecord:
         return gallery.update_image(session, image_id, name=name, description=description)
 
 
-def _delete(image_ids: list[int]) -> int:
-    settings = get_settings()
-    with db.session_scope(settings) as session:
-        return gallery.delete_images(session, Storage(settings.upload_dir), image_ids)
-
-
 def _reembed(image_ids: list[int]) -> int:
     settings = get_settings()
     with db.session_scope(settings) as session:
@@ -78,7 +80,7 @@ def _reembed(image_ids: list[int]) -> int:
         )
 
 
-class ManageState(AdminState):
+class ManageState(DeleteImagesMixin, AdminState):
     query: str = ""  # the filter in force
     offset: int = 0
     total: int = 0
@@ -92,10 +94,6 @@ class ManageState(AdminState):
     edit_name: str = ""
     edit_description: str = ""
     edit_error: str = ""
-
-    delete_open: bool = False
-    delete_ids: rx.Field[list[str]] = rx.field(default_factory=list)
-    busy: bool = False
 
     @rx.var
     def page_label(self) -> str:
@@ -115,11 +113,6 @@ class ManageState(AdminState):
     @rx.var
     def all_on_page_selected(self) -> bool:
         return bool(self.rows) and all(row["id"] in self.selected for row in self.rows)
-
-    @rx.var
-    def delete_prompt(self) -> str:
-        n = len(self.delete_ids)
-        return f"Delete {n} image{'s' if n != 1 else ''}?"
 
     async def _load(self) -> None:
         self.loading = True
@@ -207,34 +200,9 @@ class ManageState(AdminState):
         await self._load()
         return rx.toast.success(f"Saved “{record.name}”.")
 
-    @rx.event
-    async def ask_delete(self, image_ids: list[str]):
-        try:
-            await self._require_admin()
-        except Refused as refused:
-            return self._refusal(refused)
-        self.delete_ids = [str(i) for i in image_ids][: PAGE_SIZE * 10]
-        self.delete_open = bool(self.delete_ids)
-        return None
-
-    @rx.event
-    async def confirm_delete(self):
-        try:
-            await self._require_admin()
-        except Refused as refused:
-            self.delete_open = False
-            return self._refusal(refused)
-        ids = [int(i) for i in self.delete_ids]
-        self.busy = True
-        try:
-            deleted = await asyncio.to_thread(_delete, ids)
-        finally:
-            self.busy = False
-        self.delete_open = False
-        self.delete_ids = []
-        self.selected = [i for i in self.selected if int(i) not in ids]
+    async def _after_delete(self, image_ids: list[int]) -> None:
+        self.selected = [i for i in self.selected if int(i) not in image_ids]
         await self._load()
-        return rx.toast.success(f"Deleted {deleted} image{'s' if deleted != 1 else ''}.")
 
     @rx.event
     async def reembed(self, image_ids: list[str]):
@@ -278,12 +246,6 @@ class ManageState(AdminState):
     @rx.event
     def set_edit_open(self, value: bool):
         self.edit_open = value
-
-    @rx.event
-    def set_delete_open(self, value: bool):
-        self.delete_open = value
-        if not value:
-            self.delete_ids = []
 
 
 # --- page ------------------------------------------------------------------------------------------
