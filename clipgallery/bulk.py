@@ -51,6 +51,7 @@ class IndexSummary:
     seconds: float = 0.0
     # Set when the run held the vector index back and built it at its end (`deferred_vector_index`).
     index_build_seconds: float | None = None
+    building_index: bool = False  # while that build runs
 
     @property
     def embedded(self) -> int:
@@ -275,8 +276,16 @@ def index_folder(
 
     replaced_images: set[int] = set()
     bar = tqdm(total=len(work), unit="img", desc="indexing", disable=not progress or not work, dynamic_ncols=True)
+
+    def building() -> None:
+        summary.building_index = True
+        if progress:
+            tqdm.write("building the vector index ...")
+        if on_progress is not None:
+            on_progress(len(work), len(work), summary)
+
     # A run that at least doubles the gallery builds the vector index once, at its end.
-    with deferred_vector_index(session, embedder.settings, len(work)) as deferred:
+    with deferred_vector_index(session, embedder.settings, len(work), on_build=building) as deferred:
         # Three stages overlap: threads decode the batch after next, one thread runs the model on the
         # next batch, and this thread stores the current one (files, then one transaction) — storing
         # took a third of the time when it waited for the model (docs/benchmarks.md). The model
@@ -329,11 +338,10 @@ def index_folder(
                 model_thread.shutdown(wait=False, cancel_futures=True)
                 raise
         bar.close()
-        if deferred and progress:
-            tqdm.write("building the vector index ...")
         build_started = time.perf_counter()
     if deferred:
         summary.index_build_seconds = time.perf_counter() - build_started
+        summary.building_index = False
 
     if replaced_images:
         _remove_unreferenced_images(session, storage, replaced_images)

@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -386,7 +386,11 @@ LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
 # needs (measured 3.8 kB a vector of 512-d at m 48, 2.8 kB at m 16: 4 bytes a dimension + 32
 # bytes per m + ≈ 200), with a margin, never more than the server's setting, and one worker
 # whatever the table's size. Here (512-d, m 48, ef_construction 256, the same rows): 1,024
-# vectors 0.90 -> 0.58 s, 4,024 5.1 -> 2.8 s, 10,024 9.0 -> 7.3 s.
+# vectors 0.90 -> 0.58 s, 4,024 5.1 -> 2.8 s, 10,024 9.0 -> 7.3 s. Beyond SIZED_BUILD_MAX_VECTORS
+# a build takes minutes and the reservation no longer counts: those keep the server's setting
+# (at 100k, recall@10 of builds with and without the smaller memory overlapped, 0.815-0.873
+# against 0.831-0.871 - a build's randomness moves it more - but nothing was gained there).
+SIZED_BUILD_MAX_VECTORS = 50_000
 _INDEX_GRAPH_MARGIN = 1.5
 _PARALLEL_PARTICIPANT_MIN_BYTES = 32 * 2**20
 _INDEX_BUILD_PROBE = (
@@ -402,7 +406,9 @@ def index_build_settings(rows: int, dimension: int, m: int, configured_bytes: in
     `dimension` -1 (a column without one) counts as HNSW's largest, 2,000."""
     dimension = dimension if dimension > 0 else 2000
     graph_bytes = int(rows * (4 * dimension + 32 * m + 200) * _INDEX_GRAPH_MARGIN)
-    memory = min(configured_bytes, max(_PARALLEL_PARTICIPANT_MIN_BYTES * (workers + 1), graph_bytes))
+    memory = configured_bytes
+    if rows <= SIZED_BUILD_MAX_VECTORS:
+        memory = min(configured_bytes, max(_PARALLEL_PARTICIPANT_MIN_BYTES * (workers + 1), graph_bytes))
     return {"maintenance_work_mem": f"{memory // 1024}kB", "min_parallel_table_scan_size": "0"}
 
 
@@ -422,10 +428,10 @@ def sized_for_index_build(driver_connection, settings: Settings) -> Iterator[dic
             driver_connection.execute(f"RESET {name}")
 
 
-def ensure_vector_index(connection, settings: Settings) -> bool:
+def ensure_vector_index(connection, settings: Settings, on_build: Callable[[], None] | None = None) -> bool:
     """Build the HNSW index if it is missing and no run is holding it back (see
     `deferred_vector_index`). `connection`: a SQLAlchemy connection in autocommit mode. Returns
-    whether it built the index."""
+    whether it built the index; `on_build` is called before a build starts."""
     from clipgallery.models import HNSW_INDEX_NAME, hnsw_index_statements
 
     def present() -> bool:
@@ -439,6 +445,8 @@ def ensure_vector_index(connection, settings: Settings) -> bool:
     try:
         if present():
             return False
+        if on_build is not None:
+            on_build()
         with sized_for_index_build(connection.connection.driver_connection, settings):
             for statement in hnsw_index_statements(settings):
                 connection.execute(text(statement))
@@ -448,13 +456,16 @@ def ensure_vector_index(connection, settings: Settings) -> bool:
 
 
 @contextmanager
-def deferred_vector_index(session: Session, settings: Settings, incoming: int) -> Iterator[bool]:
+def deferred_vector_index(
+    session: Session, settings: Settings, incoming: int, on_build: Callable[[], None] | None = None
+) -> Iterator[bool]:
     """Around a run about to write `incoming` vectors (bulk indexing, re-embedding): when they are
     at least as many as the vectors stored, or a quarter of them in a gallery of at most
     SMALL_GALLERY_VECTORS (and at least DEFERRED_INDEX_MIN_VECTORS), the HNSW index is dropped for
     the run and built at its end, also when the run fails. Yields whether it was. Commits
     `session` first: dropping an index waits for every transaction that has read the table, this
-    one's included."""
+    one's included. `on_build` is called when the build starts (it can take minutes: progress
+    displays say so)."""
     session.commit()
     with session.get_bind().connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         stored = connection.execute(text("SELECT count(*) FROM image_embeddings")).scalar_one()
@@ -470,7 +481,7 @@ def deferred_vector_index(session: Session, settings: Settings, incoming: int) -
             if deferred:
                 connection.execute(text("SELECT pg_advisory_unlock_shared(:key)"), {"key": _VECTOR_INDEX_LOCK})
                 started = time.perf_counter()
-                if ensure_vector_index(connection, settings):
+                if ensure_vector_index(connection, settings, on_build):
                     log.info("vector index built in %.1f s", time.perf_counter() - started)
 
 

@@ -280,10 +280,12 @@ def reembed_images(
     image_ids: list[int] | None = None,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    on_index_build: Callable[[], None] | None = None,
 ) -> int:
     """Compute vectors with the configured model: for `image_ids`, or for every image whose
     vector is missing or came from another model. A dimension change rebuilds the column and its
-    index first. Commits per batch, so an interrupted run resumes. Returns the number embedded."""
+    index first. Commits per batch, so an interrupted run resumes. Returns the number embedded.
+    `on_index_build` is called when the vector index held back for the run starts to be built."""
     from tqdm import tqdm
 
     from clipgallery.gallery import register_model, set_vector_dimension, vector_column_dimension
@@ -312,9 +314,16 @@ def reembed_images(
         todo = sorted(set(image_ids))
     done = 0
     bar = tqdm(total=len(todo), unit="img", desc="re-embedding", disable=not progress or not todo)
+
+    def building() -> None:
+        if progress:
+            tqdm.write("building the vector index ...")
+        if on_index_build is not None:
+            on_index_build()
+
     # Re-embedding most of the gallery: the vector index is built once at the end, and comes out
     # without the dead entries of the replaced vectors.
-    with deferred_vector_index(session, settings, len(todo)):
+    with deferred_vector_index(session, settings, len(todo), on_build=building):
         for start in range(0, len(todo), settings.embed_batch_size):
             ids = todo[start : start + settings.embed_batch_size]
             rows = session.execute(select(Image.id, Image.stored_path).where(Image.id.in_(ids))).all()

@@ -1,4 +1,4 @@
-"""The admin pages' pure helpers: the login redirect target and the streamed-upload limits."""
+"""The admin pages' pure helpers: the login redirect target, the streamed-upload limits, job progress text."""
 
 from __future__ import annotations
 
@@ -88,3 +88,13 @@ def test_reflex_does_not_serve_the_gallery_files(tmp_path):
     env = reflex_env("postgresql+psycopg://x@/y", settings)
     assert env["REFLEX_UPLOADED_FILES_DIR"] != str(settings.upload_dir)
     assert not env["REFLEX_UPLOADED_FILES_DIR"].startswith(str(settings.upload_dir))
+
+
+def test_the_jobs_page_says_when_a_run_is_building_the_vector_index():
+    from clipgallery.bulk import IndexSummary
+    from clipgallery.pages.admin_jobs import BUILDING_INDEX, _counts
+
+    summary = IndexSummary(indexed=7, skipped=2)
+    assert _counts(summary) == "indexed 7, updated 0, reused 0, skipped 2, rejected 0"
+    summary.building_index = True
+    assert _counts(summary).endswith("; " + BUILDING_INDEX) and "vector index" in BUILDING_INDEX

@@ -245,6 +245,36 @@ def test_progress_is_reported_per_batch(tmp_path, session, embedder, storage):
     assert seen == [(4, 10, 4), (8, 10, 8), (10, 10, 10)]
 
 
+def test_progress_says_when_the_held_back_vector_index_is_being_built(
+    tmp_path, session, embedder, storage, monkeypatch
+):
+    """At a million vectors the build at the end of a run takes many minutes: the last report
+    says it is running, so the admin page does not sit at 100 % in silence."""
+    monkeypatch.setattr(db, "DEFERRED_INDEX_MIN_VECTORS", 4)
+    _make_folder(tmp_path / "pics", 10)
+    seen = []
+    summary = index_folder(
+        session,
+        embedder,
+        storage,
+        tmp_path / "pics",
+        recursive=True,
+        progress=False,
+        batch_size=4,
+        on_progress=lambda done, total, s: seen.append(
+            (done, total, s.indexed, s.building_index, _vector_index(session) is not None)
+        ),
+    )
+    assert seen == [
+        (4, 10, 4, False, False),
+        (8, 10, 8, False, False),
+        (10, 10, 10, False, False),
+        (10, 10, 10, True, False),
+    ]
+    assert not summary.building_index and summary.index_build_seconds is not None
+    assert _vector_index(session) is not None
+
+
 def test_a_batch_that_cannot_be_stored_stops_the_run_and_keeps_what_was_committed(
     tmp_path, session, embedder, storage, monkeypatch
 ):
@@ -320,20 +350,25 @@ def test_a_run_that_doubles_the_gallery_builds_the_vector_index_once_at_its_end(
 
 
 def test_an_index_build_asks_for_the_memory_its_graph_needs_and_a_parallel_worker():
-    """Not the gigabytes sized for a million vectors (a parallel build reserves all of it up
-    front), never more than the server allows, and at least the 32 MB per participant below
-    which PostgreSQL plans no worker."""
+    """A small build: not the gigabytes sized for a million vectors (a parallel build reserves all
+    of it up front), never more than the server allows, and at least the 32 MB per participant
+    below which PostgreSQL plans no worker."""
     mb, gb = 2**20, 2**30
     small = db.index_build_settings(1_024, 512, 48, 6 * gb, workers=1)
     assert small == {"maintenance_work_mem": f"{64 * mb // 1024}kB", "min_parallel_table_scan_size": "0"}
-    graph = 100_000 * (4 * 512 + 32 * 48 + 200) * 1.5  # 568 MB
-    assert db.index_build_settings(100_000, 512, 48, 6 * gb, workers=1)["maintenance_work_mem"] == (
+    graph = 40_000 * (4 * 512 + 32 * 48 + 200) * 1.5  # 227 MB
+    assert db.index_build_settings(40_000, 512, 48, 6 * gb, workers=1)["maintenance_work_mem"] == (
         f"{int(graph) // 1024}kB"
     )
-    assert db.index_build_settings(2_000_000, 512, 48, 6 * gb, 1)["maintenance_work_mem"] == f"{6 * gb // 1024}kB"
+    # Builds of minutes keep the server's setting (and still get a worker).
+    assert db.index_build_settings(100_000, 512, 48, 6 * gb, 1) == {
+        "maintenance_work_mem": f"{6 * gb // 1024}kB",
+        "min_parallel_table_scan_size": "0",
+    }
     assert db.index_build_settings(10, 512, 16, 16 * mb, 2)["maintenance_work_mem"] == f"{16 * mb // 1024}kB"
     # A vector column without a dimension counts as HNSW's largest.
-    assert db.index_build_settings(50_000, -1, 16, 6 * gb, 1) == db.index_build_settings(50_000, 2000, 16, 6 * gb, 1)
+    assert db.index_build_settings(20_000, -1, 16, 6 * gb, 1) == db.index_build_settings(20_000, 2000, 16, 6 * gb, 1)
+    assert db.index_build_settings(20_000, -1, 16, 6 * gb, 1) != db.index_build_settings(20_000, 512, 16, 6 * gb, 1)
 
 
 def test_the_index_build_settings_hold_for_the_build_only(settings, session, embedder, storage):

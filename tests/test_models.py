@@ -172,7 +172,22 @@ def test_another_model_is_refused_until_reembed(settings, session, embedder, sto
     assert "clipgallery reembed" in gallery_status(other.settings, load_model=True).model_detail
 
     index_before = session.execute(text(index_oid), {"name": HNSW_INDEX_NAME}).scalar()
-    assert reembed_images(session, other, storage, progress=False) == 5
+    progress, index_at_build_start = [], []
+    assert (
+        reembed_images(
+            session,
+            other,
+            storage,
+            progress=False,
+            on_progress=lambda done, total: progress.append((done, total)),
+            on_index_build=lambda: index_at_build_start.append(
+                session.execute(text(index_oid), {"name": HNSW_INDEX_NAME}).scalar()
+            ),
+        )
+        == 5
+    )
+    # The build is announced once, after the last batch, while the index is still missing.
+    assert progress[-1] == (5, 5) and index_at_build_start == [None]
     models = session.execute(text("SELECT DISTINCT model_id FROM image_embeddings")).scalars().all()
     assert len(models) == 1
     # Built anew once the vectors were replaced (not grown by five updates with dead entries).

@@ -51,11 +51,15 @@ class Progress:
             return self.done, self.total, self.counts
 
 
+BUILDING_INDEX = "building the vector index (searches scan every image until it is ready)"
+
+
 def _counts(summary: bulk.IndexSummary) -> str:
-    return (
+    counts = (
         f"indexed {summary.indexed}, updated {summary.updated}, reused {summary.reused}, "
         f"skipped {summary.skipped}, rejected {len(summary.rejected)}"
     )
+    return f"{counts}; {BUILDING_INDEX}" if summary.building_index else counts
 
 
 def _run_index(root: Path, recursive: bool, metadata: bulk.MetadataMapping | None, progress: Progress) -> list[str]:
@@ -84,6 +88,7 @@ def _run_reembed(progress: Progress) -> list[str]:
             image_ids=None,
             progress=False,
             on_progress=lambda d, total: progress.update(d, total, f"{d} of {total} images"),
+            on_index_build=lambda: progress.update(*progress.snapshot()[:2], f"all images done; {BUILDING_INDEX}"),
         )
     return [f"re-embedded {done} image{'s' if done != 1 else ''} with {get_embedder(settings).identity}"]
 
