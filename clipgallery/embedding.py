@@ -10,6 +10,7 @@ A model is named in one of three ways (see README "Models"):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -201,6 +202,15 @@ class Embedder:
                 raise self._error from exc
 
     def _load(self) -> None:
+        spec = resolve_model_spec(self.settings)
+        # resolve_model_spec has checked that a model directory holds its config.
+        config = json.loads((spec.model_dir / MODEL_CONFIG_FILE).read_text()) if spec.model_dir else None
+        package_text_tower = bool(config and config.get("clipgallery", {}).get("text_tower_package"))
+        with quiet_package_text_tower_loading() if package_text_tower else contextlib.nullcontext():
+            self._load_spec(spec, config)
+
+    def _load_spec(self, spec: ModelSpec, config: dict | None) -> None:
+        """`config`: the model directory's open_clip config, if the model is one."""
         import open_clip
         import torch
 
@@ -208,7 +218,6 @@ class Embedder:
         threads = self.settings.torch_threads or torch.get_num_threads()
         torch.set_num_threads(threads)
         self._threads = threads
-        spec = resolve_model_spec(self.settings)
         log.info("loading CLIP model: %s", spec.source)
         if spec.model_dir is not None:
             weights = _find_weights(spec.model_dir)
@@ -216,7 +225,6 @@ class Embedder:
                 raise ModelUnavailableError(
                     f"Model directory {spec.model_dir} holds no weights file. " + _how_to_provide_a_model()
                 )
-            config = json.loads((spec.model_dir / MODEL_CONFIG_FILE).read_text())
             if config.get("clipgallery", {}).get("text_tower_package"):
                 model, preprocess = _create_with_package_text_tower(spec.model_dir, config, weights)
             else:
@@ -1205,6 +1213,39 @@ def _create_with_package_text_tower(model_dir: Path, config: dict, weights: Path
             f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})."
         )
     return model, preprocess
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+@contextmanager
+def quiet_package_text_tower_loading() -> Iterator[None]:
+    """Around building (and tracing) a model whose locked text tower comes from an installed
+    sentence-model package: transformers' load report (the sentence model's pooler weights, unused
+    by design), its weight-loading progress bar, its notice about a training loss it looks up when
+    the tower is traced, and open_clip's "initialized partially" (the tower's weights come from the
+    package, not the checkpoint) are expected, and would greet every CLI command with warnings.
+    Errors still raise; other warnings still show."""
+    from transformers.utils import logging as hf_logging  # open_clip imports transformers anyway
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    partially = _DropMessages("initialized partially")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger().addFilter(partially)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(partially)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:

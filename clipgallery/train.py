@@ -50,7 +50,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipgallery.datasets import LabelledImage, stratified_split
-from clipgallery.embedding import MODEL_CONFIG_FILE, WEIGHTS_FILE, file_sha256, torch_threads
+from clipgallery.embedding import (
+    MODEL_CONFIG_FILE,
+    WEIGHTS_FILE,
+    file_sha256,
+    quiet_package_text_tower_loading,
+    torch_threads,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -301,14 +307,8 @@ def create_lit_model(options: TrainOptions):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     text_dir = text_tower_dir()
     cfg = lit_model_cfg(options, text_dir)
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report lists the unused pooler weights: expected, not news
-    try:
+    with quiet_package_text_tower_loading():
         model = open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"})
-    finally:
-        hf_logging.set_verbosity(verbosity)
     lock_text_tower(model)
     if options.unlock_text_layers:
         unlock_text_layers(model, options.unlock_text_layers)

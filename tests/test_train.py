@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import re
 import socket
 from pathlib import Path
@@ -115,7 +116,9 @@ def test_train_writes_a_portable_model_directory(lit_model):
     assert sides.count("test") == 12
 
 
-def test_trained_model_loads_offline_and_ranks_the_named_colour_first(lit_model, settings, storage, monkeypatch):
+def test_trained_model_loads_offline_and_ranks_the_named_colour_first(
+    lit_model, settings, storage, monkeypatch, caplog, capfd
+):
     out, _ = lit_model
 
     def no_network(*args, **kwargs):
@@ -124,8 +127,19 @@ def test_trained_model_loads_offline_and_ranks_the_named_colour_first(lit_model,
     monkeypatch.setattr(socket.socket, "connect", no_network)
     settings = dataclasses.replace(settings, model_name=str(out))
     embedder = Embedder(settings)
-    embedder.load()
+    capfd.readouterr()
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    with caplog.at_level(logging.WARNING):
+        embedder.load()
     monkeypatch.undo()
+    # Loading is quiet: the package tower's unused pooler weights, transformers' progress bar and
+    # open_clip's "initialized partially" are expected, not warnings for every CLI command.
+    printed = capfd.readouterr().err
+    assert "LOAD REPORT" not in printed and "Loading weights" not in printed, printed
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert hf_logging.get_verbosity() == verbosity and hf_logging.is_progress_bar_enabled()
     identity = embedder.identity
     assert identity.dimension == 384 and identity.architecture.startswith("lit-")
     assert identity.weights.startswith("sha256:")
