@@ -13,7 +13,7 @@ import reflex as rx
 from clipgallery.webquery import Tile
 
 # Radix breakpoints: xs 520px, sm 768px, md 1024px, lg 1280px, xl 1640px.
-GRID_COLUMNS = {"initial": "1", "xs": "2", "sm": "3", "md": "4", "lg": "5", "xl": "6"}
+GRID_COLUMNS = {"initial": "2", "xs": "2", "sm": "3", "md": "4", "lg": "5", "xl": "6"}
 
 _SHOWN = {"visibility": "visible", "opacity": "1", "transform": "none"}
 

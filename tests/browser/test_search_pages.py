@@ -172,7 +172,7 @@ def test_caption_appears_on_tap(browser: Browser, base_url, seeded):
         context.close()
 
 
-@pytest.mark.parametrize(("width", "columns"), [(375, 1), (768, 3), (1440, 5)])
+@pytest.mark.parametrize(("width", "columns"), [(375, 2), (768, 3), (1440, 5)])
 def test_grid_columns_per_width_and_screenshots(page: Page, seeded, screenshot_dir, width, columns):
     page.set_viewport_size({"width": width, "height": 900})
     # Only this module's photos (other modules seed synthetic images): every description says "Photo".
