@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from clipgallery.config import PROJECT_ROOT, Settings
-from clipgallery.embedding import native_bf16
+from clipgallery.towers import native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -886,7 +886,7 @@ def text_variant_embedder(fp32_text, precision: str):
     quantises the image tower only): to measure each side by side."""
     import copy
 
-    from clipgallery.embedding import quantize_int8, to_bf16
+    from clipgallery.towers import quantize_int8, to_bf16
 
     model = copy.deepcopy(fp32_text._model)
     converted = to_bf16(model, towers=("text",)) if precision == "bf16" else quantize_int8(model, towers=("text",))
@@ -1932,7 +1932,7 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             "Each reduced precision of the image tower against fp32, on the same images. int8 = "
             "`CLIPGALLERY_PRECISION=int8`: dynamic int8 quantisation of every Linear layer, the attention q/k/v "
             "projection included. bf16 = `CLIPGALLERY_PRECISION=bf16`: the whole tower in bf16. The default `auto` "
-            "takes bf16 on CPUs with AMX, int8 for a ViT on others with VNNI (`embedding.resolve_precision`); this "
+            "takes bf16 on CPUs with AMX, int8 for a ViT on others with VNNI (`towers.resolve_precision`); this "
             f"run's default: {report.get('image_precision', 'fp32')}. Every image tower runs as a TorchScript trace "
             "(`CLIPGALLERY_TRACE_IMAGE_TOWER`, on by default: no GIL per operation). Text queries use the "
             "shipped text tower in both columns. With random weights these figures measure numerical fidelity "

@@ -16,7 +16,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("cosine", "l2", "ip", "l1")
 # Numeric precision of the image tower: fp32 as trained, bf16, or int8 (dynamic quantisation
 # of its Linear layers); and of the text tower: fp32 or bf16. "auto" picks the fastest the CPU has
-# natively within the fidelity criterion (embedding.resolve_precision): for images bf16 with AMX,
+# natively within the fidelity criterion (towers.resolve_precision): for images bf16 with AMX,
 # else int8 with VNNI, else fp32; for text queries bf16 wherever bf16 is native, else fp32.
 # Vectors stay within cosine 0.999 of fp32. See docs/benchmarks.md.
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -100,7 +100,7 @@ class Settings:
     embed_batch_size: int = 32
     precision: str = "auto"  # of the image tower
     text_precision: str = "auto"
-    # Run the towers as TorchScript traces (no GIL per operation; embedding.trace_image_tower and
+    # Run the towers as TorchScript traces (no GIL per operation; towers.trace_image_tower and
     # trace_text_tower).
     trace_image_tower: bool = True
     trace_text_tower: bool = True

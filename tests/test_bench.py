@@ -10,7 +10,8 @@ import pytest
 
 from clipgallery.bench import BenchOptions, run_bench, size_database_name, write_report
 from clipgallery.cli import build_parser
-from clipgallery.embedding import ModelIdentity, native_bf16
+from clipgallery.embedding import ModelIdentity
+from clipgallery.towers import native_bf16
 from tests.conftest import fresh_database, picture
 
 

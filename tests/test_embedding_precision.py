@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from clipgallery.config import ConfigError, Settings, load_settings
-from clipgallery.embedding import (
-    Embedder,
+from clipgallery.embedding import Embedder
+from clipgallery.towers import (
     _self_attention_module,
     encode_text_to_end_token,
     fused_tensor_conversion,
@@ -70,7 +70,7 @@ def test_quantize_int8_reaches_every_linear_layer(tiny_model_dir):
 
 @pytest.mark.parametrize("size", [(224, 224), (230, 250)])
 def test_patch_embedding_as_a_linear_layer_equals_the_convolution(size):
-    from clipgallery.embedding import _is_patch_embedding, _patch_embedding_module
+    from clipgallery.towers import _is_patch_embedding, _patch_embedding_module
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 64, kernel_size=32, stride=32, bias=False)
@@ -125,11 +125,11 @@ def test_auto_precision_follows_the_cpu_and_the_tower(monkeypatch, bf16, amx, vn
     """Each tower gets what is fastest on the CPU: batches of images are arithmetic-bound (AMX bf16;
     else VNNI int8 for a ViT, whose time is in Linear layers, and bf16 for a ResNet, whose
     convolutions int8 leaves alone), a single text query weight-bound (bf16 halves the bytes)."""
-    import clipgallery.embedding as embedding
+    import clipgallery.towers as towers
 
     features = {"amx_tile": amx, "vnni": vnni}
-    monkeypatch.setattr(embedding, "native_bf16", lambda: bf16)
-    monkeypatch.setattr(embedding, "_has_cpu_feature", lambda name: features[name])
+    monkeypatch.setattr(towers, "native_bf16", lambda: bf16)
+    monkeypatch.setattr(towers, "_has_cpu_feature", lambda name: features[name])
     assert resolve_precision("auto", "image", transformer=True) == vit
     assert resolve_precision("auto", "image", transformer=False) == resnet
     assert resolve_precision("auto", "text") == text
@@ -318,7 +318,7 @@ def _auto_picks_int8(monkeypatch) -> None:
 def test_auto_keeps_the_int8_image_tower_only_where_it_stays_close_to_fp32(tiny_model_dir, monkeypatch, caplog):
     """Before "auto" keeps int8 it compares the tower with fp32 on probe pictures: a trained
     transformer with outlier activations can move far under int8 (MiniLM: cosine 0.91)."""
-    import clipgallery.embedding as embedding
+    import clipgallery.towers as towers
 
     _auto_picks_int8(monkeypatch)
     images = [picture(seed, (120, 90)) for seed in range(4)]
@@ -326,8 +326,8 @@ def test_auto_keeps_the_int8_image_tower_only_where_it_stays_close_to_fp32(tiny_
     assert kept.precisions[0] == "int8"
     assert not any(isinstance(m, torch.nn.Conv2d) for m in kept._model.visual.modules())
 
-    monkeypatch.setattr(embedding, "INT8_AUTO_MIN_COSINE", 1.01)  # no int8 tower can pass this
-    caplog.set_level("WARNING", logger="clipgallery.embedding")
+    monkeypatch.setattr(towers, "INT8_AUTO_MIN_COSINE", 1.01)  # no int8 tower can pass this
+    caplog.set_level("WARNING", logger="clipgallery.towers")
     refused = Embedder(Settings(model_name=str(tiny_model_dir)))
     fallback = refused.precisions[0]
     assert fallback == ("bf16" if native_bf16() else "fp32")

@@ -226,7 +226,7 @@ def test_text_tower_stopped_at_the_end_token_gives_the_same_vectors(architecture
     import open_clip
     import torch
 
-    from clipgallery.embedding import encode_text_to_end_token, trace_text_tower, trim_text_padding
+    from clipgallery.towers import encode_text_to_end_token, trace_text_tower, trim_text_padding
 
     if architecture == "tiny":
         model = open_clip.create_model(f"local-dir:{tiny_model_dir}")

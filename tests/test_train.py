@@ -21,15 +21,10 @@ from sqlalchemy import text
 
 from clipgallery import train as train_module
 from clipgallery.cli import main
-from clipgallery.embedding import (
-    MODEL_CONFIG_FILE,
-    WEIGHTS_FILE,
-    Embedder,
-    ModelUnavailableError,
-    encode_text_to_end_token,
-)
+from clipgallery.embedding import MODEL_CONFIG_FILE, WEIGHTS_FILE, Embedder, ModelUnavailableError
 from clipgallery.ingest import ingest_image
 from clipgallery.search import search_text
+from clipgallery.towers import encode_text_to_end_token
 from clipgallery.train import (
     TEXT_TOWER_HF_ID,
     TrainOptions,
@@ -178,7 +173,7 @@ def test_text_tower_is_the_locked_pretrained_minilm(lit_model, tiny_model_dir):
 
 
 def test_bf16_towers_of_a_trained_model_stay_close(lit_model, tiny_model_dir):
-    from clipgallery.embedding import native_bf16
+    from clipgallery.towers import native_bf16
 
     if not native_bf16():
         pytest.skip("this CPU has no native bf16")
