@@ -376,7 +376,8 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     import shlex
 
-    from clipgallery.bench import BenchOptions, quick_options, run_bench, write_report
+    from clipgallery.bench import BenchOptions, quick_options, run_bench
+    from clipgallery.bench_report import write_report
 
     changes: dict = {"rebuild": args.rebuild, "progress": not args.quiet, "http": not args.no_http}
     changes["command"] = "clipgallery " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in ("-v", "--verbose"))

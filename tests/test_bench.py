@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from clipgallery.bench import BenchOptions, run_bench, size_database_name, write_report
+from clipgallery.bench import BenchOptions, run_bench, size_database_name
+from clipgallery.bench_report import write_report
 from clipgallery.cli import build_parser
 from clipgallery.embedding import ModelIdentity
 from clipgallery.towers import native_bf16
