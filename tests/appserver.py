@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 import socket
 import subprocess
@@ -31,6 +32,30 @@ def serve_command(port: int) -> list[str]:
     return [sys.executable, "-m", "clipgallery.cli", "serve", "--port", str(port)]
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_when_the_tests_die() -> None:
+    """In the child, before exec: Linux sends it SIGTERM when the test process dies (a run killed
+    by a timeout or a second Ctrl-C skips the fixtures' teardown), so an interrupted run does not
+    leave the app, its workers and the embedded database behind (serve stops them on SIGTERM)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def start_serve(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`clipgallery serve` in its own process group, its output in `log_path`."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            serve_command(port),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_stop_when_the_tests_die,
+        )
+
+
 def kill_all(procs: list[psutil.Process]) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -49,10 +74,7 @@ class AppProcess:
         self.port = port
         self.log_path = log_path
         self.base_url = f"http://localhost:{port}"
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                serve_command(port), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self.process = start_serve(port, env, log_path)
         self.tree: list[psutil.Process] = [psutil.Process(self.process.pid)]
 
     def wait_until_healthy(self, timeout: float = STARTUP_TIMEOUT) -> httpx.Response:

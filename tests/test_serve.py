@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.appserver import STARTUP_TIMEOUT, STOP_TIMEOUT, free_port, kill_all, log_tail, serve_command
+from tests.appserver import STARTUP_TIMEOUT, STOP_TIMEOUT, free_port, kill_all, log_tail, start_serve
 
 pytestmark = pytest.mark.slow
 
@@ -64,10 +64,7 @@ def test_serve_starts_without_model_and_stops_cleanly(tmp_path: Path) -> None:
     an_hour_ago = time.time() - 3600
     os.utime(record, (an_hour_ago, an_hour_ago))
 
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            serve_command(port), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    server = start_serve(port, env, log_path)
     tree: list[psutil.Process] = [psutil.Process(server.pid)]
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
