@@ -93,5 +93,11 @@ async def preload_model() -> None:
         return
     from clipgallery.embedding import get_embedder
 
-    ok, detail = await asyncio.to_thread(get_embedder(settings).status)
+    embedder = get_embedder(settings)
+    ok, detail = await asyncio.to_thread(embedder.status)
     (log.info if ok else log.warning)("model preload: %s", detail)
+    if ok:  # text queries are served from here on; image queries once this is done
+        try:
+            await asyncio.to_thread(embedder.load_image_tower)
+        except Exception as exc:  # the first image query will try again and report it
+            log.warning("preparing the image tower failed: %s", exc)

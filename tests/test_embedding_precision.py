@@ -53,7 +53,7 @@ def test_linear_self_attention_equals_multihead_attention(batch_first, causal):
 def test_quantize_int8_reaches_every_linear_layer(tiny_model_dir):
     engine = torch.backends.quantized.engine
     embedder = Embedder(Settings(model_name=str(tiny_model_dir), precision="int8", text_precision="fp32"))
-    embedder.load()
+    embedder.load_image_tower()
     # Packed for oneDNN's kernels (INT8_ENGINE) without changing the process-wide engine.
     assert torch.backends.quantized.engine == engine
     model = embedder._model

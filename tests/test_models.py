@@ -85,6 +85,39 @@ def test_an_image_batch_runs_as_one_single_threaded_pass_per_core(settings, monk
     assert passes == [(12, 2)]
 
 
+def test_the_image_tower_is_prepared_on_first_use_and_once(settings, monkeypatch):
+    """Converting and tracing the image tower is most of a model load: a process that only encodes
+    words (a CLI word search) never pays for it; the first image pass does, once, however many
+    threads ask at the same time."""
+    import threading
+
+    import clipgallery.embedding as embedding
+
+    prepared = []
+    real_trace = embedding.trace_image_tower
+
+    def counting_trace(visual):
+        prepared.append(threading.get_ident())
+        time.sleep(0.2)  # let the other threads arrive while it is being prepared
+        return real_trace(visual)
+
+    monkeypatch.setattr(embedding, "trace_image_tower", counting_trace)
+    fresh = Embedder(settings)
+    fresh.encode_text("a dog on a beach")
+    assert fresh.loaded and fresh._image_tower is None and prepared == []
+
+    results: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda s=s: results.append(fresh.encode_images([picture(s)]))) for s in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(prepared) == 1 and len(results) == 3 and fresh._image_tower is not None
+    assert fresh.precisions[0] in ("fp32", "int8", "bf16")
+    # The same vectors as a model whose image tower was prepared up front.
+    assert np.allclose(fresh.encode_images([picture(0)]), Embedder(settings).encode_images([picture(0)]), atol=1e-5)
+
+
 def test_a_text_query_does_not_wait_for_the_image_tower(embedder, monkeypatch):
     """Each tower has its own lock: a text query is not queued behind an image query or an
     indexing batch in the same process. And a query runs on CLIPGALLERY_QUERY_THREADS threads
