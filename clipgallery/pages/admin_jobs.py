@@ -218,7 +218,7 @@ def index_form() -> rx.Component:
                 ),
                 rx.accordion.root(
                     rx.accordion.item(
-                        header="Names and descriptions from a CSV file (optional)",
+                        header=rx.text("Names and descriptions from a CSV file (optional)", size="2", weight="medium"),
                         content=rx.vstack(
                             _text_field("CSV file on the server", "metadata", "/srv/photos/labels.csv"),
                             _text_field("File column", "file_column", "filename"),
@@ -226,6 +226,7 @@ def index_form() -> rx.Component:
                             _text_field("Description template", "description_template", "{baseColour} {articleType}"),
                             spacing="3",
                             width="100%",
+                            color="var(--gray-12)",  # labels like the form's others, not the accordion's accent
                         ),
                         value="csv",
                     ),
