@@ -488,30 +488,13 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
                             _split_p95(point),
                         ]
                     )
-            rows.append(
-                [
-                    "exact SQL scan (`+ 0`)",
-                    "–",
-                    f"{r['exact_sql']['recall']:.3f}",
-                    "",
-                    "",
-                    _f(r["exact_sql"]["p50_ms"], 1),
-                    _f(r["exact_sql"]["p95_ms"], 1),
-                    "",
-                ]
-            )
-            rows.append(
-                [
-                    "numpy exact (floor, in RAM)",
-                    "–",
-                    f"{r['numpy']['recall']:.3f}",
-                    "",
-                    "",
-                    _f(r["numpy"]["p50_ms"], 2),
-                    _f(r["numpy"]["p95_ms"], 2),
-                    "",
-                ]
-            )
+            for label, key, digits in (
+                ("exact SQL scan (`+ 0`)", "exact_sql", 1),
+                ("numpy exact (floor, in RAM)", "numpy", 2),
+            ):
+                exact = r[key]
+                latency = [_f(exact["p50_ms"], digits), _f(exact["p95_ms"], digits)]
+                rows.append([label, "–", f"{exact['recall']:.3f}", "", "", *latency, ""])
             if "chroma" in r:
                 c = r["chroma"]
                 rows.append(
