@@ -53,6 +53,8 @@ class DecodedImage:
     rgb: Image.Image  # oriented, RGB, at most about twice the working size: what the model sees
     served_bytes: bytes  # the original as served: without location (JPEG: metadata only; else re-encoded upright)
     served_is_original: bool
+    orientation: int = 1  # the EXIF orientation the served bytes carry (1: upright as stored)
+    source_mode: str = "RGB"  # Pillow's mode of the file's pixels (a JPEG: L, RGB or CMYK)
 
 
 def _megabytes(n: int) -> str:
@@ -132,6 +134,8 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, working_size: int
         rgb=rgb,
         served_bytes=served_bytes,
         served_is_original=served_is_original,
+        orientation=1 if reencode else orientation,
+        source_mode=image.mode,
     )
 
 
@@ -258,6 +262,31 @@ THUMBNAIL_ENCODINGS = {
     # method 2, not 4: a third of the encoding time for files 3 % larger (224 px photos here).
     "webp": ("WEBP", {"quality": 82, "method": 2}),
 }
+
+
+# A JPEG original no larger than the thumbnail is its own thumbnail when it is at most this heavy
+# (a thumbnail here is 0.2-0.25 bytes per pixel), plus room for the headers and tables a small
+# file is mostly made of. Re-encoding such an image made a copy of it
+# slightly larger than the original and of lower quality (224-px photos here: 12.5 against 11.5
+# kB), and cost its encoding and a second file write (docs/architecture.md).
+ORIGINAL_AS_THUMBNAIL_MAX_BYTES_PER_PIXEL = 0.5
+ORIGINAL_AS_THUMBNAIL_HEADER_BYTES = 2048
+
+
+def original_serves_as_thumbnail(decoded: DecodedImage, thumbnail_size: int) -> bool:
+    """Whether the served original can be shown in the grid as it is: a JPEG (never animated)
+    that fits in the thumbnail's box, is upright without its EXIF orientation, is in a colour
+    mode every browser shows alike, and weighs no more than a thumbnail should."""
+    return (
+        decoded.mime_type == "image/jpeg"
+        and decoded.width <= thumbnail_size
+        and decoded.height <= thumbnail_size
+        and decoded.orientation in (0, 1)
+        and decoded.source_mode in ("L", "RGB")
+        and decoded.byte_size
+        <= ORIGINAL_AS_THUMBNAIL_HEADER_BYTES
+        + ORIGINAL_AS_THUMBNAIL_MAX_BYTES_PER_PIXEL * decoded.width * decoded.height
+    )
 
 
 def make_thumbnail(rgb: Image.Image, size: int, thumbnail_format: str = "jpeg") -> bytes:

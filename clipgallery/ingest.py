@@ -29,6 +29,7 @@ from clipgallery.imaging import (
     decode_image,
     decode_upload,
     make_thumbnail,
+    original_serves_as_thumbnail,
     working_size_for,
 )
 from clipgallery.models import Image
@@ -68,7 +69,7 @@ class PreparedImage:
     name: str
     description: str
     decoded: DecodedImage
-    thumbnail: bytes
+    thumbnail: bytes | None  # None: the stored original is its own thumbnail (`original_serves_as_thumbnail`)
     thumbnail_format: str
     pixels: torch.Tensor | None = None  # the model's input, when prepared ahead of the model
     vector: np.ndarray | None = None  # the model's output, when embedded ahead of storing
@@ -103,12 +104,15 @@ def prepare_image(
     (so threads can do this while the model works on the previous batch)."""
     safe_filename = clean_filename(filename)
     decoded = decode_upload(data, settings)
+    small_enough = original_serves_as_thumbnail(decoded, settings.thumbnail_size)
     prepared = PreparedImage(
         filename=safe_filename,
         name=((name or "").strip() or default_name(safe_filename))[:MAX_NAME],
         description=(description or "").strip()[:MAX_DESCRIPTION],
         decoded=decoded,
-        thumbnail=make_thumbnail(decoded.rgb, settings.thumbnail_size, settings.thumbnail_format),
+        thumbnail=None
+        if small_enough
+        else make_thumbnail(decoded.rgb, settings.thumbnail_size, settings.thumbnail_format),
         thumbnail_format=settings.thumbnail_format,
     )
     if embedder is not None:
@@ -168,25 +172,26 @@ def store_prepared(
 
         vectors = embed_prepared(embedder, new) if new else None
 
-        planned = [
-            (
-                prepared,
-                files.original_relpath(prepared.decoded.sha256, prepared.decoded.mime_type),
-                files.thumbnail_relpath(prepared.decoded.sha256, prepared.thumbnail_format),
+        planned = []
+        for prepared in new:
+            stored = files.original_relpath(prepared.decoded.sha256, prepared.decoded.mime_type)
+            thumb = (
+                stored
+                if prepared.thumbnail is None
+                else files.thumbnail_relpath(prepared.decoded.sha256, prepared.thumbnail_format)
             )
-            for prepared in new
-        ]
+            planned.append((prepared, stored, thumb))
         written: list[str] = []
         # Recorded while being written and committed: a process killed in between leaves the
         # record, and the next bulk run or server start removes those of the files no row refers to.
-        with storage.pending(path for _, stored, thumb in planned for path in (stored, thumb)):
+        with storage.pending(dict.fromkeys(path for _, stored, thumb in planned for path in (stored, thumb))):
             try:
                 rows = []
                 for prepared, stored, thumb in planned:
                     decoded = prepared.decoded
                     if storage.write(stored, decoded.served_bytes):
                         written.append(stored)
-                    if storage.write(thumb, prepared.thumbnail):
+                    if prepared.thumbnail is not None and storage.write(thumb, prepared.thumbnail):
                         written.append(thumb)
                     rows.append(
                         {

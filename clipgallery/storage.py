@@ -2,7 +2,8 @@
 
 Layout (relative to `settings.upload_dir`):
     originals/ab/cd/<sha256>.<ext>     the served original (EXIF orientation applied, GPS removed)
-    thumbs/ab/cd/<sha256>.jpg|.webp    grid thumbnail (CLIPGALLERY_THUMBNAIL_FORMAT)
+    thumbs/ab/cd/<sha256>.jpg|.webp    grid thumbnail (CLIPGALLERY_THUMBNAIL_FORMAT); none for an
+                                       original that is its own (`imaging.original_serves_as_thumbnail`)
     .pending/<random>.json             files whose row is being written or deleted (see `pending`)
 Names come from the content hash only, never from a client.
 """

@@ -208,4 +208,4 @@ def test_the_api_route(gallery):
     assert [(i["id"], i["keep"]) for i in group["images"]] == [(original, True), (copy, False)]
     assert group["keep"] == original and group["similarity"] >= 0.999
     assert group["images"][1]["page_url"] == f"/image/{copy}"
-    assert group["images"][1]["thumbnail_url"].startswith("/files/thumbs/")
+    assert group["images"][1]["thumbnail_url"].startswith("/files/")

@@ -89,6 +89,45 @@ def test_thumbnails_can_be_webp(session, embedder, storage, monkeypatch):
         load_settings()
 
 
+def test_a_small_light_jpeg_is_its_own_thumbnail(session, embedder, storage):
+    """Thumbnails here are 64 px: a 60 x 48 JPEG is shown as uploaded (one file, not a re-encoded
+    copy), and deleting it removes that one file."""
+    data = jpeg(14, (60, 48))
+    record = get_image(session, ingest_image(session, embedder, storage, data, "small.jpg").image_id)
+    assert record.thumbnail_path == record.stored_path and record.stored_path.startswith("originals/")
+    assert storage.path(record.thumbnail_path).read_bytes() == data
+    assert files_on_disk(storage) == {record.stored_path}
+    delete_images(session, storage, [record.id])
+    assert files_on_disk(storage) == set()
+
+
+def _exif_rotated(image: Image.Image) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(image, "JPEG", quality=90, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize(
+    "case, data",
+    [
+        ("larger than the thumbnail", jpeg(15, (80, 48))),
+        ("PNG", encode(picture(16, (60, 48)), "PNG")),
+        ("EXIF rotation", _exif_rotated(picture(17, (60, 48)))),
+        ("CMYK", encode(picture(18, (60, 48)).convert("CMYK"), "JPEG", quality=90)),
+        ("heavy", encode(Image.effect_noise((60, 48), 120).convert("RGB"), "JPEG", quality=100)),
+    ],
+)
+def test_other_small_images_get_a_thumbnail_of_their_own(case, data, session, embedder, storage):
+    record = get_image(session, ingest_image(session, embedder, storage, data, "x.img").image_id)
+    assert record.thumbnail_path.startswith("thumbs/"), case
+    assert files_on_disk(storage) == {record.stored_path, record.thumbnail_path}
+    with Image.open(storage.path(record.thumbnail_path)) as thumb:
+        assert thumb.format == "JPEG" and thumb.mode == "RGB" and not thumb.getexif().get(0x0112)
+        assert thumb.size == (
+            (48, 60) if case == "EXIF rotation" else (64, 38) if case.startswith("larger") else (60, 48)
+        )
+
+
 def test_same_bytes_twice_returns_the_existing_image(session, embedder, storage):
     data = jpeg(11)
     first = ingest_image(session, embedder, storage, data, "a.jpg")
