@@ -55,6 +55,7 @@ class DecodedImage:
     served_is_original: bool
     orientation: int = 1  # the EXIF orientation the served bytes carry (1: upright as stored)
     source_mode: str = "RGB"  # Pillow's mode of the file's pixels (a JPEG: L, RGB or CMYK)
+    icc_profile: bytes | None = None  # the file's colour profile, when it describes `rgb`'s pixels
 
 
 def _megabytes(n: int) -> str:
@@ -136,7 +137,25 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, working_size: int
         served_is_original=served_is_original,
         orientation=1 if reencode else orientation,
         source_mode=image.mode,
+        icc_profile=_rgb_profile(image),
     )
+
+
+# The largest colour profile copied into thumbnails: display profiles (sRGB, Display P3, Adobe
+# RGB) take 0.5-3 kB, while a printer's or scanner's with its lookup tables can take hundreds.
+MAX_THUMBNAIL_PROFILE_BYTES = 64 * 1024
+ICC_RGB_SPACE = b"RGB "  # the data colour space in an ICC profile's header, bytes 16-19
+
+
+def _rgb_profile(image: Image.Image) -> bytes | None:
+    """The image's ICC profile when `to_rgb` keeps the pixel values it describes: an RGB profile
+    of RGB, RGBA or palette pixels (a wide-gamut phone photo's Display P3), not a CMYK or grey one."""
+    profile = image.info.get("icc_profile")
+    if not isinstance(profile, bytes) or len(profile) > MAX_THUMBNAIL_PROFILE_BYTES:
+        return None
+    if profile[16:20] != ICC_RGB_SPACE or image.mode not in ("RGB", "RGBA", "P"):
+        return None
+    return profile
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -266,9 +285,9 @@ THUMBNAIL_ENCODINGS = {
 
 # A JPEG original no larger than the thumbnail is its own thumbnail when it is at most this heavy
 # (a thumbnail here is 0.2-0.25 bytes per pixel), plus room for the headers and tables a small
-# file is mostly made of. Re-encoding such an image made a copy of it
-# slightly larger than the original and of lower quality (224-px photos here: 12.5 against 11.5
-# kB), and cost its encoding and a second file write (docs/architecture.md).
+# file is mostly made of. Re-encoded, such an image came out slightly larger than the original
+# and of lower quality (224-px photos here: 12.5 against 11.5 kB), for the cost of an encoding
+# and a second file write (docs/architecture.md).
 ORIGINAL_AS_THUMBNAIL_MAX_BYTES_PER_PIXEL = 0.5
 ORIGINAL_AS_THUMBNAIL_HEADER_BYTES = 2048
 
@@ -289,11 +308,15 @@ def original_serves_as_thumbnail(decoded: DecodedImage, thumbnail_size: int) -> 
     )
 
 
-def make_thumbnail(rgb: Image.Image, size: int, thumbnail_format: str = "jpeg") -> bytes:
-    """A JPEG or WebP (`THUMBNAIL_ENCODINGS`) no larger than size x size, without metadata."""
+def make_thumbnail(
+    rgb: Image.Image, size: int, thumbnail_format: str = "jpeg", icc_profile: bytes | None = None
+) -> bytes:
+    """A JPEG or WebP (`THUMBNAIL_ENCODINGS`) no larger than size x size, without metadata but
+    for the colour profile of its pixels (`DecodedImage.icc_profile`): without it, browsers take
+    a wide-gamut photo's values for sRGB and show it washed out."""
     thumb = rgb.copy()
     thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     encoder, options = THUMBNAIL_ENCODINGS[thumbnail_format]
-    thumb.save(out, encoder, **options)
+    thumb.save(out, encoder, **options, **({"icc_profile": icc_profile} if icc_profile else {}))
     return out.getvalue()

@@ -112,7 +112,7 @@ def prepare_image(
         decoded=decoded,
         thumbnail=None
         if small_enough
-        else make_thumbnail(decoded.rgb, settings.thumbnail_size, settings.thumbnail_format),
+        else make_thumbnail(decoded.rgb, settings.thumbnail_size, settings.thumbnail_format, decoded.icc_profile),
         thumbnail_format=settings.thumbnail_format,
     )
     if embedder is not None:

@@ -232,7 +232,8 @@ def image_query(settings: Settings, data: bytes) -> tuple[list[float], str]:
     """An image query's vector (what the page keeps for paging: 2 KB, not the image) and a small
     preview of the image as a data: URL. The bytes are validated like an upload; nothing is stored."""
     vector, decoded = encode_query_image(get_embedder(settings), data)
-    preview = "data:image/webp;base64," + base64.b64encode(make_thumbnail(decoded.rgb, PREVIEW_SIZE, "webp")).decode()
+    preview_bytes = make_thumbnail(decoded.rgb, PREVIEW_SIZE, "webp", decoded.icc_profile)
+    preview = "data:image/webp;base64," + base64.b64encode(preview_bytes).decode()
     return [float(x) for x in vector], preview
 
 

@@ -128,6 +128,26 @@ def test_other_small_images_get_a_thumbnail_of_their_own(case, data, session, em
         )
 
 
+def _profile(colour_space: bytes) -> bytes:
+    """An ICC profile (sRGB's, standing in for a phone's Display P3) whose header names `colour_space`."""
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return profile[:16] + colour_space + profile[20:]
+
+
+@pytest.mark.parametrize("colour_space, copied", [(b"RGB ", True), (b"GRAY", False)])
+def test_a_thumbnail_keeps_the_colour_profile_of_its_pixels(colour_space, copied, session, embedder, storage):
+    """Without its profile a wide-gamut photo's thumbnail is shown as if its values were sRGB
+    (washed out); a profile of other pixels (grey, CMYK) is not pinned on the RGB thumbnail."""
+    profile = _profile(colour_space)
+    data = encode(picture(19, (160, 120)), "JPEG", quality=90, icc_profile=profile)
+    record = get_image(session, ingest_image(session, embedder, storage, data, "p3.jpg").image_id)
+    assert record.thumbnail_path.startswith("thumbs/")
+    with Image.open(storage.path(record.thumbnail_path)) as thumb:
+        assert thumb.info.get("icc_profile") == (profile if copied else None)
+
+
 def test_same_bytes_twice_returns_the_existing_image(session, embedder, storage):
     data = jpeg(11)
     first = ingest_image(session, embedder, storage, data, "a.jpg")
