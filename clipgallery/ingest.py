@@ -184,7 +184,7 @@ def store_prepared(
         written: list[str] = []
         # Recorded while being written and committed: a process killed in between leaves the
         # record, and the next bulk run or server start removes those of the files no row refers to.
-        with storage.pending(dict.fromkeys(path for _, stored, thumb in planned for path in (stored, thumb))):
+        with storage.pending(path for _, stored, thumb in planned for path in (stored, thumb)):
             try:
                 rows = []
                 for prepared, stored, thumb in planned:

@@ -94,7 +94,7 @@ class Storage:
         the record is removed when the block ends, whether it succeeds or fails. So a record that
         outlives its process names the only files such a process can have left without a row
         (`stale_pending`), and finding them never needs a walk over every stored file."""
-        relpaths = list(relpaths)
+        relpaths = list(dict.fromkeys(relpaths))  # an original that is its own thumbnail is named twice
         if not relpaths:
             yield
             return
