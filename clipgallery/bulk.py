@@ -284,8 +284,9 @@ def index_folder(
         if on_progress is not None:
             on_progress(len(work), len(work), summary)
 
-    # A run that at least doubles the gallery builds the vector index once, at its end.
-    with deferred_vector_index(session, embedder.settings, len(work), on_build=building) as deferred:
+    # A run that at least doubles the gallery builds the vector index once, at its end (if the
+    # gallery is large enough to have one: `db.fit_vector_index`).
+    with deferred_vector_index(session, embedder.settings, len(work), on_build=building):
         # Three stages overlap: threads decode the batch after next, one thread runs the model on the
         # next batch, and this thread stores the current one (files, then one transaction) — storing
         # took a third of the time when it waited for the model (docs/benchmarks.md). The model
@@ -339,7 +340,7 @@ def index_folder(
                 raise
         bar.close()
         build_started = time.perf_counter()
-    if deferred:
+    if summary.building_index:
         summary.index_build_seconds = time.perf_counter() - build_started
         summary.building_index = False
 

@@ -349,10 +349,11 @@ def migrate(settings: Settings | None = None, revision: str = "head") -> None:
     # adapter: start afresh.
     get_engine(settings).dispose()
     if revision == "head":
-        # A bulk run killed while it held the vector index back (`deferred_vector_index`).
+        # A bulk run killed while it held the vector index back (`deferred_vector_index`), or a
+        # gallery that grew past, or shrank well below, the size that wants the index.
         with get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            if ensure_vector_index(connection, settings):
-                log.warning("the vector index was missing (an interrupted bulk run?): rebuilt it")
+            if fit_vector_index(connection, settings):
+                log.warning("built the missing vector index (a bulk run was interrupted, or the gallery grew)")
 
 
 # --- the vector index during large writes ------------------------------------------------------
@@ -362,7 +363,8 @@ def migrate(settings: Settings | None = None, revision: str = "head") -> None:
 # whole graph in memory at 0.6-0.9 ms per vector (docs/scaling.md, "Bulk loads"). So a run
 # that writes at least as many vectors as the gallery holds (and at least this many) drops the
 # index and builds it once at its end; searches meanwhile scan every vector (exact, and cheap at
-# the sizes where a run doubles the gallery quickly).
+# the sizes where a run doubles the gallery quickly). A gallery under the configured
+# `vector_index_min_vectors` has no index at all (`fit_vector_index`): such a run builds none.
 DEFERRED_INDEX_MIN_VECTORS = 100
 # Below this many stored vectors a search without the index (an exact scan) stays within about
 # 25 ms (13 ms at 10k): there a run also holds the index back when it writes at least
@@ -428,22 +430,51 @@ def sized_for_index_build(driver_connection, settings: Settings) -> Iterator[dic
             driver_connection.execute(f"RESET {name}")
 
 
-def ensure_vector_index(connection, settings: Settings, on_build: Callable[[], None] | None = None) -> bool:
-    """Build the HNSW index if it is missing and no run is holding it back (see
-    `deferred_vector_index`). `connection`: a SQLAlchemy connection in autocommit mode. Returns
-    whether it built the index; `on_build` is called before a build starts."""
-    from clipgallery.models import HNSW_INDEX_NAME, hnsw_index_statements
+def _vector_index_present(connection) -> bool:
+    from clipgallery.models import HNSW_INDEX_NAME
 
-    def present() -> bool:
-        return connection.execute(text("SELECT to_regclass(:name)"), {"name": HNSW_INDEX_NAME}).scalar() is not None
+    return connection.execute(text("SELECT to_regclass(:name)"), {"name": HNSW_INDEX_NAME}).scalar() is not None
 
-    if (
-        present()
-        or not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": _VECTOR_INDEX_LOCK}).scalar()
-    ):
+
+def vector_index_wanted(rows: int, settings: Settings, present: bool) -> bool:
+    """Whether a gallery of `rows` vectors should have the HNSW index: from
+    `Settings.vector_index_min_vectors` on (below, an exact scan is as fast and finds every true
+    neighbour). One already there is kept down to half that size, so a gallery that hovers around
+    the threshold is not rebuilt each time it crosses it."""
+    floor = settings.vector_index_min_vectors
+    return rows >= (floor // 2 if present else floor)
+
+
+def fit_vector_index(connection, settings: Settings, on_build: Callable[[], None] | None = None) -> bool:
+    """Give the gallery the vector index its size calls for (`vector_index_wanted`): build the
+    HNSW index when it is missing and the gallery has reached the threshold (a bulk run held it
+    back, a run was killed before rebuilding it, the gallery grew), drop it when the gallery has
+    shrunk below half of it. Nothing while a run holds the index back (`deferred_vector_index`).
+    `connection`: a SQLAlchemy connection in autocommit mode. Returns whether it built the index;
+    `on_build` is called before a build starts."""
+    from clipgallery.models import hnsw_index_statements
+
+    floor = settings.vector_index_min_vectors
+    present = _vector_index_present(connection)
+    if (present and floor == 0) or not connection.execute(
+        text("SELECT pg_try_advisory_lock(:key)"), {"key": _VECTOR_INDEX_LOCK}
+    ).scalar():
         return False
     try:
-        if present():
+        present = _vector_index_present(connection)
+        # Counted up to the threshold only: that is all the decision needs, and a full count of a
+        # million-vector table would slow every start.
+        rows = connection.execute(
+            text("SELECT count(*) FROM (SELECT FROM image_embeddings LIMIT :floor) AS capped"), {"floor": floor}
+        ).scalar_one()
+        wanted = vector_index_wanted(rows, settings, present)
+        if present and not wanted:
+            why_not = _drop_vector_index(connection)
+            if why_not:
+                log.info("%d vectors: the vector index is %s: kept", rows, why_not)
+            else:
+                log.info("%d vectors: the vector index is dropped (searches scan every vector)", rows)
+        if present or not wanted:
             return False
         if on_build is not None:
             on_build()
@@ -455,57 +486,91 @@ def ensure_vector_index(connection, settings: Settings, on_build: Callable[[], N
         connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _VECTOR_INDEX_LOCK})
 
 
+def index_if_grown(session: Session, settings: Settings) -> bool:
+    """After a write outside a run (an upload): build the vector index if the gallery has none and
+    has just reached the size that wants one. One catalogue lookup when it has one. Returns
+    whether it built the index."""
+    if settings.vector_index_min_vectors == 0 or _vector_index_present(session.connection()):
+        return False
+    session.commit()
+    started = time.perf_counter()
+    try:
+        with session.get_bind().connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            built = fit_vector_index(connection, settings)
+    except DBAPIError as exc:
+        # The write itself is done: searches stay exact until a later run or start builds it.
+        log.warning("the vector index could not be built now: %s", exc.orig)
+        return False
+    if built:
+        log.info(
+            "the gallery reached the size of an indexed one: vector index built in %.1f s",
+            time.perf_counter() - started,
+        )
+    return built
+
+
 @contextmanager
 def deferred_vector_index(
     session: Session, settings: Settings, incoming: int, on_build: Callable[[], None] | None = None
 ) -> Iterator[bool]:
-    """Around a run about to write `incoming` vectors (bulk indexing, re-embedding): when they are
-    at least as many as the vectors stored, or a quarter of them in a gallery of at most
+    """Around a run about to write `incoming` vectors (bulk indexing, re-embedding, uploads): when
+    they are at least as many as the vectors stored, or a quarter of them in a gallery of at most
     SMALL_GALLERY_VECTORS (and at least DEFERRED_INDEX_MIN_VECTORS), the HNSW index is dropped for
-    the run and built at its end, also when the run fails. Yields whether it was. Commits
-    `session` first: dropping an index waits for every transaction that has read the table, this
-    one's included. `on_build` is called when the build starts (it can take minutes: progress
-    displays say so)."""
+    the run and built at its end, also when the run fails - if the gallery is then large enough to
+    want one (`fit_vector_index`, which also builds the index of a gallery the run took past the
+    threshold). Yields whether the index was held back. Commits `session` first: dropping an index
+    waits for every transaction that has read the table, this one's included. `on_build` is
+    called when the build starts (it can take minutes: progress displays say so)."""
     session.commit()
     with session.get_bind().connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         stored = connection.execute(text("SELECT count(*) FROM image_embeddings")).scalar_one()
+        present = _vector_index_present(connection)
         large_share = incoming >= stored or (
             stored <= SMALL_GALLERY_VECTORS and incoming * SMALL_GALLERY_SHARE >= stored
         )
         deferred = incoming >= DEFERRED_INDEX_MIN_VECTORS and large_share and _hold_vector_index_back(connection)
-        if deferred:
+        if deferred and present:
             log.info("writing %d vectors (%d stored): the vector index is built once, at the end", incoming, stored)
         try:
             yield deferred
         finally:
             if deferred:
                 connection.execute(text("SELECT pg_advisory_unlock_shared(:key)"), {"key": _VECTOR_INDEX_LOCK})
+            if deferred or vector_index_wanted(stored + incoming, settings, present) != present:
                 started = time.perf_counter()
-                if ensure_vector_index(connection, settings, on_build):
+                if fit_vector_index(connection, settings, on_build):
                     log.info("vector index built in %.1f s", time.perf_counter() - started)
 
 
 def _hold_vector_index_back(connection) -> bool:
     """Take the run's shared lock and drop the index; False, changing nothing, when that cannot
-    be done: another transaction keeps the table busy for longer than DROP_INDEX_LOCK_TIMEOUT
-    (while the drop waits, every new search would queue behind it), or the database role may
-    write rows but not drop indexes (a deployment whose migrations run as another role)."""
+    be done (`_drop_vector_index`)."""
+    connection.execute(text("SELECT pg_advisory_lock_shared(:key)"), {"key": _VECTOR_INDEX_LOCK})
+    why_not = _drop_vector_index(connection)
+    if why_not is None:
+        return True
+    connection.execute(text("SELECT pg_advisory_unlock_shared(:key)"), {"key": _VECTOR_INDEX_LOCK})
+    log.info("the vector index is %s: kept, and grown row by row", why_not)
+    return False
+
+
+def _drop_vector_index(connection) -> str | None:
+    """Drop the HNSW index if there is one. None when done, else why it could not be: another
+    transaction keeps the table busy for longer than DROP_INDEX_LOCK_TIMEOUT (while the drop
+    waits, every new search would queue behind it), or the database role may write rows but not
+    drop indexes (a deployment whose migrations run as another role)."""
     from clipgallery.models import HNSW_INDEX_NAME
 
-    connection.execute(text("SELECT pg_advisory_lock_shared(:key)"), {"key": _VECTOR_INDEX_LOCK})
     try:
         connection.execute(text(f"SET lock_timeout = '{DROP_INDEX_LOCK_TIMEOUT}'"))
         connection.execute(text(f"DROP INDEX IF EXISTS {HNSW_INDEX_NAME}"))
-        return True
+        return None
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise
         connection.rollback()
-        connection.execute(text("SELECT pg_advisory_unlock_shared(:key)"), {"key": _VECTOR_INDEX_LOCK})
         busy = getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
-        reason = "in use by a long transaction" if busy else f"not droppable here ({exc.orig})"
-        log.info("the vector index is %s: kept, and grown row by row", reason)
-        return False
+        return "in use by a long transaction" if busy else f"not droppable here ({exc.orig})"
     finally:
         connection.execute(text("RESET lock_timeout"))
 

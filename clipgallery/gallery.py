@@ -56,6 +56,7 @@ def vector_column_dimension(session: Session) -> int | None:
 
 def set_vector_dimension(session: Session, settings: Settings, dimension: int) -> None:
     """Give the vector column a new dimension (dropping every stored vector) and rebuild its index."""
+    from clipgallery.db import vector_index_wanted
     from clipgallery.models import HNSW_INDEX_NAME, MAX_IN_ROW_DIMENSION, hnsw_index_statements
 
     log.warning("setting the vector column to %d dimensions; stored vectors are dropped", dimension)
@@ -65,8 +66,10 @@ def set_vector_dimension(session: Session, settings: Settings, dimension: int) -
     session.execute(text(f"ALTER TABLE image_embeddings ALTER COLUMN embedding TYPE vector({int(dimension)})"))
     storage_mode = "PLAIN" if dimension <= MAX_IN_ROW_DIMENSION else "EXTENDED"
     session.execute(text(f"ALTER TABLE image_embeddings ALTER COLUMN embedding SET STORAGE {storage_mode}"))
-    for statement in hnsw_index_statements(settings):
-        session.execute(text(statement))
+    # The emptied gallery gets its index back once it is large enough (`db.fit_vector_index`).
+    if vector_index_wanted(0, settings, present=False):
+        for statement in hnsw_index_statements(settings):
+            session.execute(text(statement))
     session.commit()
 
 

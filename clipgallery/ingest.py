@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from clipgallery import storage as files
-from clipgallery.db import deferred_vector_index
+from clipgallery.db import deferred_vector_index, index_if_grown
 from clipgallery.embedding import Embedder
 from clipgallery.gallery import gallery_model_id
 from clipgallery.imaging import (
@@ -275,7 +275,10 @@ def ingest_image(
         prepared = prepare_image(data, filename, embedder.settings, name, description)
     except RejectedImage as exc:
         return IngestOutcome("rejected", clean_filename(filename), reason=str(exc), kind=exc.kind)
-    return store_prepared(session, embedder, storage, [prepared], uploaded_by=uploaded_by)[0]
+    outcome = store_prepared(session, embedder, storage, [prepared], uploaded_by=uploaded_by)[0]
+    if outcome.status == "added":
+        index_if_grown(session, embedder.settings)
+    return outcome
 
 
 def reembed_images(

@@ -66,7 +66,7 @@ def template_database(pg_server, tiny_model_dir, tmp_path_factory) -> str:
     """A database migrated to head once; every test gets a copy of it."""
     pg_server.psql('CREATE DATABASE "gallery_template";')
     url = pg_server.get_uri("gallery_template").replace("postgresql://", "postgresql+psycopg://", 1)
-    settings = Settings(database_url=url, model_name=str(tiny_model_dir))
+    settings = Settings(database_url=url, model_name=str(tiny_model_dir), vector_index_min_vectors=0)
     db.migrate(settings)
     db.dispose_engines()
     return "gallery_template"
@@ -89,6 +89,9 @@ def settings(pg_server, template_database, tiny_model_dir, tmp_path) -> Iterator
         max_upload_bytes=2 * 1024 * 1024,
         max_image_pixels=4_000_000,
         thumbnail_size=64,
+        # Test galleries hold a few images: indexed anyway, so the HNSW path is what most tests
+        # exercise (tests of the exact-scan default set their own threshold).
+        vector_index_min_vectors=0,
     )
     yield settings
     # Each test has its own database: without this its idle pooled connections would stay open
@@ -104,6 +107,7 @@ def empty_settings(pg_server, tiny_model_dir, tmp_path) -> Iterator[Settings]:
         state_dir=tmp_path / "state",
         upload_dir=tmp_path / "uploads",
         model_name=str(tiny_model_dir),
+        vector_index_min_vectors=0,
     )
     yield settings
     db.dispose_engine(settings)

@@ -190,6 +190,7 @@ def test_a_killed_index_run_resumes_and_indexes_every_image_exactly_once(tmp_pat
         "CLIPGALLERY_UPLOAD_DIR": str(settings.upload_dir),
         "CLIPGALLERY_STATE_DIR": str(settings.state_dir),
         "CLIPGALLERY_TORCH_THREADS": "1",
+        "CLIPGALLERY_VECTOR_INDEX_MIN_VECTORS": "0",  # indexed at any size, as the other tests' galleries
     }
     command = [sys.executable, "-m", "clipgallery.cli", "index", str(root), "--quiet", "--batch-size", "4"]
     process = subprocess.Popen(command, env=env)
@@ -391,9 +392,56 @@ def test_the_index_build_settings_hold_for_the_build_only(settings, session, emb
             assert chosen == db.index_build_settings(1, dimension, settings.hnsw_m, configured, workers)
         assert {name: show(name) for name in server_values} == server_values
         connection.execute(text(f"DROP INDEX {HNSW_INDEX_NAME}"))
-        assert db.ensure_vector_index(connection, settings)
+        assert db.fit_vector_index(connection, settings)
         assert {name: show(name) for name in server_values} == server_values
     assert _vector_index(session) is not None
+
+
+def test_a_gallery_below_the_threshold_has_no_vector_index_until_it_grows(
+    tmp_path, settings, session, storage, monkeypatch
+):
+    """Under `vector_index_min_vectors` an exact scan is about as fast as the graph and finds every
+    true neighbour: a bulk run into such a gallery builds no index (and drops the one a fresh
+    gallery starts with); the upload or run that takes it to the threshold builds one; it is kept
+    down to half the threshold, and a start-up in a gallery shrunk below that drops it."""
+    from clipgallery.embedding import Embedder
+    from clipgallery.gallery import delete_images
+    from clipgallery.ingest import ingest_image
+    from clipgallery.search import search_text
+
+    small = settings.with_overrides(vector_index_min_vectors=8)
+    embedder = Embedder(small)
+    monkeypatch.setattr(db, "DEFERRED_INDEX_MIN_VECTORS", 4)
+    assert _vector_index(session) is not None  # as the migration made it
+
+    _make_folder(tmp_path / "first", 5)
+    first = index_folder(session, embedder, storage, tmp_path / "first", recursive=True, progress=False, batch_size=4)
+    assert first.indexed == 5 and first.index_build_seconds is None and _vector_index(session) is None
+    page = search_text(session, embedder, "a photo")
+    assert page.exact and len(page.hits) == 5
+
+    for n in range(3):  # uploads: the one that makes 8 vectors builds the index
+        assert ingest_image(session, embedder, storage, jpeg(900 + n), f"upload_{n}.jpg").status == "added"
+        assert (_vector_index(session) is not None) == (n == 2)
+    assert not search_text(session, embedder, "a photo").exact
+
+    ids = session.execute(text("SELECT id FROM images ORDER BY id")).scalars().all()
+    delete_images(session, storage, ids[:4])  # 4 left: half the threshold, kept
+    db.migrate(small)
+    assert _vector_index(session) is not None
+    delete_images(session, storage, ids[4:5])  # 3 left: dropped at the next start
+    db.migrate(small)
+    assert _vector_index(session) is None and search_text(session, embedder, "a photo").exact
+
+    _make_folder(tmp_path / "second", 3, start=100)  # 6: too few to hold an index back, none built
+    second = index_folder(session, embedder, storage, tmp_path / "second", recursive=True, progress=False, batch_size=4)
+    assert second.indexed == 3 and second.index_build_seconds is None and _vector_index(session) is None
+    _make_folder(tmp_path / "third", 3, start=200)  # 9: past the threshold, built at the run's end
+    third = index_folder(session, embedder, storage, tmp_path / "third", recursive=True, progress=False, batch_size=4)
+    assert third.indexed == 3 and third.index_build_seconds is not None
+    assert any("vector index built" in line for line in third.lines())
+    assert _vector_index(session) is not None
+    assert len(search_text(session, embedder, "a photo").hits) == 9
 
 
 def test_a_failed_run_still_builds_the_vector_index_it_held_back(tmp_path, session, embedder, storage, monkeypatch):

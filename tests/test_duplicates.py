@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from clipgallery import cli
 from clipgallery.duplicates import (
+    find_close_pairs,
     find_near_duplicate_groups,
     pairs_sql,
     similarity_to_distance,
@@ -123,6 +124,27 @@ def test_the_scan_uses_the_hnsw_index(settings, session, family):
         {"model_id": 1, "first_id": 1, "last_id": 100, "inner_limit": 11, "bound": 0.05},
     ).scalars()
     assert "Index Scan using image_embeddings_embedding_hnsw" in "\n".join(plan)
+
+
+def test_a_gallery_without_the_index_finds_the_same_groups_exactly(settings, session, family):
+    """A gallery below `vector_index_min_vectors` has no HNSW index: its pairs come from matrix
+    products over the vectors (the same neighbours and threshold, found exactly)."""
+    from clipgallery.models import HNSW_INDEX_NAME
+
+    with_index = _groups(session, settings)
+    session.execute(text(f"DROP INDEX {HNSW_INDEX_NAME}"))
+    progress = []
+    without = _groups(session, settings, progress=lambda done, total: progress.append((done, total)))
+    assert [[i.id for i in g.images] for g in without] == [[i.id for i in g.images] for g in with_index]
+    for exact, indexed in zip(without, with_index, strict=True):
+        assert exact.distance == pytest.approx(indexed.distance, abs=1e-5)
+        assert exact.keep_id == indexed.keep_id
+    assert progress[-1] == (12, 12)
+    # Each image against its `neighbours` nearest only, as through the index.
+    model_id = stored_model_id(session, settings)
+    nearest_only = find_close_pairs(session, settings, model_id, 0.2, neighbours=1)
+    assert 0 < len(nearest_only) <= 12 < len(find_close_pairs(session, settings, model_id, 0.2, neighbours=10))
+    session.rollback()
 
 
 def test_which_model_is_compared(settings, session, family):
