@@ -14,6 +14,17 @@ from clipgallery.bench import GENERATOR_SEED, QUERY_BLOCK, default_ef
 from clipgallery.config import Settings
 
 
+def _ingest_index_note(images: int) -> str:
+    floor = Settings().vector_index_min_vectors
+    if images < floor:
+        return (
+            f"The gallery's {images:,} vectors stay below the {floor:,} from which it has an HNSW index "
+            "(`CLIPGALLERY_VECTOR_INDEX_MIN_VECTORS`; below, an exact scan is as fast), so no round builds one; "
+            "the index section gives the build time at each size."
+        )
+    return "A round that holds the vector index back builds it at its end: that build is included."
+
+
 def _cpu_per_image(result: dict) -> str:
     images, cpu = result["images"], result.get("cpu_seconds")
     if not images or not cpu:
@@ -270,7 +281,7 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             f"{report['options']['batch_size']}. The median of the per-round rates is shown too. CPU: "
             "milliseconds of CPU per image, all threads of the pipeline's process (the seed-style pipeline's "
             "own process for its rows; chromadb's threads included) and, for clipgallery's bulk index, "
-            f"PostgreSQL's processes (the vector index build included). On {cores} cores a pipeline that keeps "
+            f"PostgreSQL's processes. {_ingest_index_note(report['images'])} On {cores} cores a pipeline that keeps "
             f"them all busy runs at {cores} × 1,000 / CPU images/s, so what end to end adds to the model's CPU "
             "is what it loses against the model alone.",
             "",

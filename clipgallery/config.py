@@ -120,13 +120,15 @@ class Settings:
     # (0.927 -> 0.902, one build each).
     hnsw_m: int = 48
     hnsw_ef_construction: int = 256
-    # A gallery with fewer vectors than this has no HNSW index: its searches scan every vector,
-    # which finds every true neighbour and is about as fast as the graph there (10k random-weight
-    # ViT-B-32 vectors, SQL: exact 3.5 ms p50, HNSW 1.1 ms with recall@10 0.88 for text queries;
-    # at 1k exact 0.5 ms against HNSW 1.8 ms), and saves indexing runs the rebuild of the graph
-    # (6 s at 10k). The index is built once the gallery reaches this size and dropped only when it
-    # shrinks below half of it (`db.fit_vector_index`). 0: always indexed.
-    vector_index_min_vectors: int = 10_000
+    # A gallery with fewer vectors than this has no HNSW index: its searches scan every vector and
+    # find every true neighbour, as fast as with the index at that size (5,000 random-weight
+    # ViT-B-32 vectors, a repeated text query through search_text: 3.8 ms p50 both ways hybrid,
+    # 5.4 against 4.8 vector-only; the planner scans anyway), where the graph found 0.82-0.92 of a
+    # text query's top 10 at 4k; and indexing runs into it skip the graph's rebuild (2.6 s at 5k).
+    # At 10k the scan costs 6.5-10 ms against 2-3 with the index. The index is built once the
+    # gallery reaches this size and dropped only below half of it (`db.fit_vector_index`).
+    # 0: always indexed.
+    vector_index_min_vectors: int = 5_000
     # ef_search per kind of query. A text query lies far from every image (CLIP's modality gap), so
     # its graph walk needs a wide beam: with the trained fashion model at 100k vectors its
     # recall@10 is 0.51 at ef_search 40 and 0.67 at 100. An image's neighbours are close: 1.000
