@@ -122,11 +122,11 @@ class Settings:
     hnsw_ef_construction: int = 256
     # A gallery with fewer vectors than this has no HNSW index: its searches scan every vector and
     # find every true neighbour, as fast as with the index at that size (5,000 random-weight
-    # ViT-B-32 vectors, a repeated text query through search_text: 3.8 ms p50 both ways hybrid,
-    # 5.4 against 4.8 vector-only; the planner scans anyway), where the graph found 0.82-0.92 of a
-    # text query's top 10 at 4k; and indexing runs into it skip the graph's rebuild (2.6 s at 5k).
-    # At 10k the scan costs 6.5-10 ms against 2-3 with the index. The index is built once the
-    # gallery reaches this size and dropped only below half of it (`db.fit_vector_index`).
+    # ViT-B-32 vectors, a repeated text query through search_text: 2.8-3.2 ms p50 either way; the
+    # planner scans even with the index there), where the graph found 0.82-0.92 of a text query's
+    # top 10 at 4k; and indexing runs into it skip the graph's rebuild (2.6 s at 5k). At 10k the
+    # scan costs 4.2-4.6 ms against 1.9-2.5 with the index (docs/scaling.md). The index is built
+    # once the gallery reaches this size and dropped only below half of it (`db.fit_vector_index`).
     # 0: always indexed.
     vector_index_min_vectors: int = 5_000
     # ef_search per kind of query. A text query lies far from every image (CLIP's modality gap), so
