@@ -610,6 +610,7 @@ def health() -> JSONResponse:
             "database": {"ok": bool(status.database_ok), "detail": str(status.database_detail)},
             "model": {"ok": bool(status.model_ok), "detail": str(status.model_detail)},
             "images": int(status.image_count),
+            "vector_index": str(status.vector_index),
         }
     except Exception as exc:
         detail = f"health check failed: {type(exc).__name__}: {exc}"

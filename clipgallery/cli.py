@@ -184,6 +184,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"database: {'ok' if status.database_ok else 'FAILED'} — {status.database_detail}")
     print(f"model:    {'ok' if status.model_ok else 'unavailable'} — {status.model_detail}")
     print(f"images:   {status.image_count}")
+    if status.vector_index:
+        print(f"index:    {status.vector_index}")
     return 0 if status.database_ok and status.model_ok else 1
 
 

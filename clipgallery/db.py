@@ -436,6 +436,27 @@ def _vector_index_present(connection) -> bool:
     return connection.execute(text("SELECT to_regclass(:name)"), {"name": HNSW_INDEX_NAME}).scalar() is not None
 
 
+def describe_vector_index(connection, settings: Settings) -> str:
+    """The vector index in words, for status displays: its build parameters and size, or why
+    there is none. `connection`: a SQLAlchemy connection or session."""
+    from clipgallery.models import HNSW_INDEX_NAME
+
+    row = connection.execute(
+        text("SELECT c.reloptions, pg_relation_size(c.oid) FROM pg_class c WHERE c.oid = to_regclass(:name)"),
+        {"name": HNSW_INDEX_NAME},
+    ).one_or_none()
+    if row is not None:
+        options = ", ".join(o.replace("=", " ") for o in row[0] or ())
+        return f"HNSW ({options}), {row[1] / 2**20:.1f} MB"
+    floor = settings.vector_index_min_vectors
+    rows = connection.execute(
+        text("SELECT count(*) FROM (SELECT FROM image_embeddings LIMIT :floor) AS capped"), {"floor": floor}
+    ).scalar_one()
+    if rows < floor:
+        return f"none: fewer than {floor:,} vectors, every search compares them all (exact)"
+    return "none: held back by a bulk run, or built at the next start (searches meanwhile are exact)"
+
+
 def vector_index_wanted(rows: int, settings: Settings, present: bool) -> bool:
     """Whether a gallery of `rows` vectors should have the HNSW index: from
     `Settings.vector_index_min_vectors` on (below, an exact scan is as fast and finds every true

@@ -383,6 +383,7 @@ class GalleryStatus:
     model_ok: bool
     model_detail: str
     image_count: int
+    vector_index: str = ""
 
 
 def gallery_status(settings: Settings, load_model: bool = False) -> GalleryStatus:
@@ -394,12 +395,13 @@ def gallery_status(settings: Settings, load_model: bool = False) -> GalleryStatu
     from clipgallery import db
     from clipgallery.embedding import get_embedder
 
-    database_ok, database_detail, image_count = False, "", 0
+    database_ok, database_detail, image_count, vector_index = False, "", 0, ""
     try:
         engine = db.get_engine(settings)
         info = db.check_server(engine)
         with Session(engine) as session:
             image_count = count_images(session)
+            vector_index = db.describe_vector_index(session, settings)
         database_ok = True
         database_detail = f"PostgreSQL {info.server_version}, pgvector {info.pgvector_version}"
     except Exception as exc:
@@ -423,4 +425,4 @@ def gallery_status(settings: Settings, load_model: bool = False) -> GalleryStatu
             model_ok, model_detail = False, str(exc)
         except Exception as exc:
             model_detail += f" (model check failed: {exc})"
-    return GalleryStatus(database_ok, database_detail, model_ok, model_detail, image_count)
+    return GalleryStatus(database_ok, database_detail, model_ok, model_detail, image_count, vector_index)

@@ -48,6 +48,7 @@ def test_health(client):
     body = response.json()
     assert body["database"]["ok"] and "pgvector" in body["database"]["detail"]
     assert body["model"]["ok"] and "tiny-vit" in body["model"]["detail"]
+    assert body["vector_index"].startswith("none: fewer than 5,000 vectors")  # the default, in a small gallery
 
 
 def test_text_search_pages_and_scores(client, seeded):

@@ -419,11 +419,15 @@ def test_a_gallery_below_the_threshold_has_no_vector_index_until_it_grows(
     assert first.indexed == 5 and first.index_build_seconds is None and _vector_index(session) is None
     page = search_text(session, embedder, "a photo")
     assert page.exact and len(page.hits) == 5
+    assert db.describe_vector_index(session, small).startswith("none: fewer than 8 vectors")
 
     for n in range(3):  # uploads: the one that makes 8 vectors builds the index
         assert ingest_image(session, embedder, storage, jpeg(900 + n), f"upload_{n}.jpg").status == "added"
         assert (_vector_index(session) is not None) == (n == 2)
     assert not search_text(session, embedder, "a photo").exact
+    assert db.describe_vector_index(session, small).startswith(
+        f"HNSW (m {small.hnsw_m}, ef_construction {small.hnsw_ef_construction}), "
+    )
 
     ids = session.execute(text("SELECT id FROM images ORDER BY id")).scalars().all()
     delete_images(session, storage, ids[:4])  # 4 left: half the threshold, kept

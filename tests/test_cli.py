@@ -56,6 +56,7 @@ def test_index_search_and_status_from_the_command_line(tmp_path, run):
 
     status = run("status")
     assert status.returncode == 0 and "images:   5" in status.stdout
+    assert "index:    none: fewer than 5,000 vectors" in status.stdout
 
     sql = run("db", "psql", "-At", "-c", "SELECT count(*) FROM images")
     assert sql.returncode == 0, sql.stderr
