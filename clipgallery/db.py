@@ -367,9 +367,10 @@ def migrate(settings: Settings | None = None, revision: str = "head") -> None:
 # `vector_index_min_vectors` has no index at all (`fit_vector_index`): such a run builds none.
 DEFERRED_INDEX_MIN_VECTORS = 100
 # Below this many stored vectors a search without the index (an exact scan) stays within about
-# 25 ms (13 ms at 10k): there a run also holds the index back when it writes at least
-# 1/SMALL_GALLERY_SHARE as many vectors as are stored, where a build still costs less than growing
-# the graph (1.4-1.9x less PostgreSQL CPU at 3-5 stored per written, docs/scaling.md).
+# 25 ms (13 ms at 10k when the search statement joined every vector to its image; 4-5 ms since):
+# there a run also holds the index back when it writes at least 1/SMALL_GALLERY_SHARE as many
+# vectors as are stored, where a build still costs less than growing the graph (1.4-1.9x less
+# PostgreSQL CPU at 3-5 stored per written, docs/scaling.md).
 SMALL_GALLERY_VECTORS = 20_000
 SMALL_GALLERY_SHARE = 4
 # Advisory lock: runs that dropped the index hold it shared until they end; the index is built
@@ -551,7 +552,15 @@ def deferred_vector_index(
         )
         deferred = incoming >= DEFERRED_INDEX_MIN_VECTORS and large_share and _hold_vector_index_back(connection)
         if deferred and present:
-            log.info("writing %d vectors (%d stored): the vector index is built once, at the end", incoming, stored)
+            if vector_index_wanted(stored + incoming, settings, present=False):
+                log.info("writing %d vectors (%d stored): the vector index is built once, at the end", incoming, stored)
+            else:
+                log.info(
+                    "writing %d vectors (%d stored): the gallery stays small enough to search without the "
+                    "vector index, which is dropped",
+                    incoming,
+                    stored,
+                )
         try:
             yield deferred
         finally:
