@@ -431,10 +431,19 @@ def sized_for_index_build(driver_connection, settings: Settings) -> Iterator[dic
             driver_connection.execute(f"RESET {name}")
 
 
-def _vector_index_present(connection) -> bool:
+def vector_index_present(connection) -> bool:
+    """Whether the HNSW index exists. `connection`: a SQLAlchemy connection or session."""
     from clipgallery.models import HNSW_INDEX_NAME
 
     return connection.execute(text("SELECT to_regclass(:name)"), {"name": HNSW_INDEX_NAME}).scalar() is not None
+
+
+def _vectors_up_to(connection, limit: int) -> int:
+    """The number of stored vectors, counted up to `limit` only: that is all the index decisions
+    need, and a full count of a million-vector table would slow every start."""
+    return connection.execute(
+        text("SELECT count(*) FROM (SELECT FROM image_embeddings LIMIT :limit) AS capped"), {"limit": limit}
+    ).scalar_one()
 
 
 def describe_vector_index(connection, settings: Settings) -> str:
@@ -450,10 +459,7 @@ def describe_vector_index(connection, settings: Settings) -> str:
         options = ", ".join(o.replace("=", " ") for o in row[0] or ())
         return f"HNSW ({options}), {row[1] / 2**20:.1f} MB"
     floor = settings.vector_index_min_vectors
-    rows = connection.execute(
-        text("SELECT count(*) FROM (SELECT FROM image_embeddings LIMIT :floor) AS capped"), {"floor": floor}
-    ).scalar_one()
-    if rows < floor:
+    if _vectors_up_to(connection, floor) < floor:
         return f"none: fewer than {floor:,} vectors, every search compares them all (exact)"
     return "none: held back by a bulk run, or built at the next start (searches meanwhile are exact)"
 
@@ -477,18 +483,14 @@ def fit_vector_index(connection, settings: Settings, on_build: Callable[[], None
     from clipgallery.models import hnsw_index_statements
 
     floor = settings.vector_index_min_vectors
-    present = _vector_index_present(connection)
+    present = vector_index_present(connection)
     if (present and floor == 0) or not connection.execute(
         text("SELECT pg_try_advisory_lock(:key)"), {"key": _VECTOR_INDEX_LOCK}
     ).scalar():
         return False
     try:
-        present = _vector_index_present(connection)
-        # Counted up to the threshold only: that is all the decision needs, and a full count of a
-        # million-vector table would slow every start.
-        rows = connection.execute(
-            text("SELECT count(*) FROM (SELECT FROM image_embeddings LIMIT :floor) AS capped"), {"floor": floor}
-        ).scalar_one()
+        present = vector_index_present(connection)
+        rows = _vectors_up_to(connection, floor)
         wanted = vector_index_wanted(rows, settings, present)
         if present and not wanted:
             why_not = _drop_vector_index(connection)
@@ -510,9 +512,11 @@ def fit_vector_index(connection, settings: Settings, on_build: Callable[[], None
 
 def index_if_grown(session: Session, settings: Settings) -> bool:
     """After a write outside a run (an upload): build the vector index if the gallery has none and
-    has just reached the size that wants one. One catalogue lookup when it has one. Returns
-    whether it built the index."""
-    if settings.vector_index_min_vectors == 0 or _vector_index_present(session.connection()):
+    has just reached the size that wants one. A catalogue lookup and, without the index, a count
+    up to the threshold; the build's lock and connection only once it is reached. Returns whether
+    it built the index."""
+    floor = settings.vector_index_min_vectors
+    if floor == 0 or vector_index_present(session) or _vectors_up_to(session, floor) < floor:
         return False
     session.commit()
     started = time.perf_counter()
@@ -546,7 +550,7 @@ def deferred_vector_index(
     session.commit()
     with session.get_bind().connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         stored = connection.execute(text("SELECT count(*) FROM image_embeddings")).scalar_one()
-        present = _vector_index_present(connection)
+        present = vector_index_present(connection)
         large_share = incoming >= stored or (
             stored <= SMALL_GALLERY_VECTORS and incoming * SMALL_GALLERY_SHARE >= stored
         )

@@ -55,8 +55,9 @@ from sqlalchemy import bindparam, select, text
 from sqlmodel import Session
 
 from clipgallery.config import Settings
+from clipgallery.db import vector_index_present
 from clipgallery.gallery import REEMBED_COMMAND, ModelMismatchError, file_url
-from clipgallery.models import HNSW_INDEX_NAME, METRIC_OPERATORS, ImageEmbedding
+from clipgallery.models import METRIC_OPERATORS, ImageEmbedding
 from clipgallery.search import (
     MAX_EF_SEARCH,
     InvalidQuery,
@@ -225,8 +226,7 @@ def find_close_pairs(
     """{(lower id, higher id): cosine distance} for every pair of the model's images found within
     `max_distance` (cosine) of each other among each image's `neighbours` nearest."""
     _validate(settings, max_distance, neighbours, None)
-    present = session.execute(text("SELECT to_regclass(:name)"), {"name": HNSW_INDEX_NAME}).scalar() is not None
-    if not present:
+    if not vector_index_present(session):
         return _exact_close_pairs(session, model_id, max_distance, neighbours, progress)
     metric = settings.index_metric
     bound = distance_bound(metric, 1.0 - max_distance)
