@@ -840,7 +840,7 @@ def text_prompts(n: int) -> list[str]:
 
 def measure_model_fidelity(settings: Settings, model_dir: Path, files: list[Path], batch: int) -> dict:
     """fp32 against int8 (and bf16, where native) for another model (e.g. a trained one): model-only
-    rates (interleaved per batch) and fidelity of the image tower; and of the bf16 text tower."""
+    rates (interleaved per batch) and fidelity of the image tower; and of the bf16 and int8 text towers."""
     import torch
     from PIL import Image
 
@@ -861,12 +861,10 @@ def measure_model_fidelity(settings: Settings, model_dir: Path, files: list[Path
     result = fidelity(images["fp32"], images["int8"], text_fp32, text_fp32, labels)
     if "bf16" in images:
         result["image_bf16"] = fidelity(images["fp32"], images["bf16"], text_fp32, text_fp32, labels)
-        # The shipped default text tower (bf16 on this CPU) against fp32, on the same image vectors.
-        text_bf16 = text_variant_embedder(fp32, "bf16").encode_texts(prompts)
-        result["text_bf16_cos_min"] = float(np.sum(text_fp32 * text_bf16, axis=1).min())
-        result["text_bf16_top10_overlap"] = overlap_at_k(
-            top_k_indices(text_fp32, images["fp32"], K), top_k_indices(text_bf16, images["fp32"], K)
-        )
+    # Each reduced-precision text tower against fp32, on the same image vectors, and what "auto"
+    # keeps for this model (int8 only if it passes `int8_text_if_faithful`).
+    result["text"] = text_tower_fidelity(fp32, reduced_text_towers(fp32), prompts, images["fp32"])
+    result["text_auto"] = make_embedder(settings, model_dir, "fp32", text_precision="auto").precisions[1]
     result.update(
         model=str(model_dir),
         identity=str(fp32.identity),
@@ -891,13 +889,31 @@ def text_variant_embedder(fp32_text, precision: str):
     return fp32_text.text_variant(converted)
 
 
-def run_text_tower(fp32_text, n: int, shipped: str) -> dict:
-    """Text encoding latency (no cache), fp32 / bf16 (where the CPU has it natively) / int8 text
-    tower x 1 / default torch threads, in rotating blocks of queries (`_blocks`); each traced as
-    the settings say (the default), and the `shipped` precision also eager, to show what the trace gains."""
-    towers = {"fp32": fp32_text}
-    for precision in ("bf16", "int8") if native_bf16() else ("int8",):
-        towers[precision] = text_variant_embedder(fp32_text, precision)
+def reduced_text_towers(fp32_text) -> dict:
+    """{precision: embedder} for the text tower's reduced precisions on this CPU, each on its own
+    copy of `fp32_text`'s model: bf16 (where the CPU has it natively) and int8."""
+    return {p: text_variant_embedder(fp32_text, p) for p in (("bf16", "int8") if native_bf16() else ("int8",))}
+
+
+def text_tower_fidelity(fp32_text, reduced: dict, prompts: list[str], images: np.ndarray) -> dict:
+    """Each reduced-precision text tower against fp32 on `prompts`: min cosine of the query vectors,
+    and top-10 overlap of their rankings of `images` (fp32 image vectors)."""
+    reference = fp32_text.encode_texts(prompts)
+    result = {}
+    for precision, embedder in reduced.items():
+        vectors = embedder.encode_texts(prompts)
+        result[precision] = {
+            "cos_min": float(np.sum(reference * vectors, axis=1).min()),
+            "top10_overlap": overlap_at_k(top_k_indices(reference, images, K), top_k_indices(vectors, images, K)),
+        }
+    return result
+
+
+def run_text_tower(fp32_text, reduced: dict, n: int, shipped: str) -> dict:
+    """Text encoding latency (no cache), fp32 / `reduced` (`reduced_text_towers`) x 1 / default
+    torch threads, in rotating blocks of queries (`_blocks`); each traced as the settings say (the
+    default), and the `shipped` precision also eager, to show what the trace gains."""
+    towers = {"fp32": fp32_text} | reduced
     if fp32_text.settings.trace_text_tower:
         towers[f"{shipped} eager"] = towers[shipped].sharing_model(trace_text_tower=False)
     prompts = text_prompts(n)
@@ -1550,9 +1566,17 @@ def run_bench(options: BenchOptions) -> dict:
         except Exception as exc:  # a model being written by someone else may be half there
             report["trained_models"].append({"model": str(path), "error": f"{type(exc).__name__}: {exc}"})
 
+    # The fp32 vectors of every image: the text towers' fidelity is judged on them, and they are the
+    # centres of the index stage's synthetic vectors.
+    all_files = image_files(options.images, None) if options.image_limit is None else files
+    usable = computed if computed is not None and len(computed) == len(all_files) else None
     if "text" in options.stages:
         say("text tower latency")
-        report["text_tower"] = run_text_tower(fp32_text, options.text_queries, report["text_precision"])
+        reduced = reduced_text_towers(fp32_text)
+        report["text_tower"] = run_text_tower(fp32_text, reduced, options.text_queries, report["text_precision"])
+        base = base_embeddings(options, fp32, all_files, say, usable)
+        prompts = text_prompts(options.text_queries)
+        report["text_tower_fidelity"] = text_tower_fidelity(fp32_text, reduced, prompts, base)
 
     report["memory"] = {}
     for precision in ("auto", "fp32", "int8") if options.memory else ():
@@ -1560,8 +1584,6 @@ def run_bench(options: BenchOptions) -> dict:
             report["memory"][f"rss_{precision}"] = resident_memory(model_dir, precision)
 
     if "index" in options.stages:
-        all_files = image_files(options.images, None) if options.image_limit is None else files
-        usable = computed if computed is not None and len(computed) == len(all_files) else None
         base = base_embeddings(options, fp32, all_files, say, usable)
         report["sizes"] = {}
         for n in options.sizes:

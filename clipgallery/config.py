@@ -14,13 +14,13 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 METRICS = ("cosine", "l2", "ip", "l1")
-# Numeric precision of the image tower: fp32 as trained, bf16, or int8 (dynamic quantisation
-# of its Linear layers); and of the text tower: fp32 or bf16. "auto" picks the fastest the CPU has
-# natively within the fidelity criterion (towers.resolve_precision): for images bf16 with AMX,
-# else int8 with VNNI, else fp32; for text queries bf16 wherever bf16 is native, else fp32.
-# Vectors stay within cosine 0.999 of fp32. See docs/benchmarks.md.
+# Numeric precision of each tower: fp32 as trained, bf16, or int8 (dynamic quantisation of its
+# Linear layers). "auto" picks the fastest the CPU has natively within the fidelity criterion
+# (towers.resolve_precision): for images bf16 with AMX, else int8 with VNNI, else fp32; for text
+# queries int8 with VNNI, else bf16 where native, else fp32. "auto" keeps int8 only for a model
+# whose vectors it leaves close to fp32's on probe inputs. See docs/benchmarks.md.
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
-TEXT_PRECISIONS = ("auto", "fp32", "bf16")
+TEXT_PRECISIONS = PRECISIONS
 THUMBNAIL_FORMATS = ("jpeg", "webp")
 
 

@@ -32,6 +32,7 @@ from clipgallery.towers import (
     first_line,
     fused_tensor_conversion,
     int8_if_faithful,
+    int8_text_if_faithful,
     native_bf16,
     quantize_int8,
     resolve_precision,
@@ -284,6 +285,12 @@ class Embedder:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         text_precision = resolve_precision(self.settings.text_precision, "text")
+        if text_precision == "int8" and self.settings.text_precision == "auto":
+            model, faithful = int8_text_if_faithful(model, tokenizer)
+            if not faithful:
+                text_precision = "bf16" if native_bf16() else "fp32"
+        elif text_precision == "int8":
+            model = quantize_int8(model, towers=("text",))
         if text_precision == "bf16":
             model = to_bf16(model, towers=("text",))
         dimension = int(getattr(model, "embed_dim", 0) or spec.dimension)

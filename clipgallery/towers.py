@@ -5,7 +5,7 @@
 - the image tower traced (`trace_image_tower`: no GIL per operation), with its preprocessing's
   tensor conversion fused (`fused_tensor_conversion`);
 - reduced precision: int8 dynamic quantisation of the Linear layers (`quantize_int8`, kept by the
-  default `auto` only if it stays close to fp32: `int8_if_faithful`) and bf16 with weights
+  default `auto` only if it stays close to fp32: `int8_if_faithful`, `int8_text_if_faithful`) and bf16 with weights
   pre-packed for oneDNN (`to_bf16`); `resolve_precision` picks them for this CPU.
 
 `embedding.Embedder` applies these when it loads a model; the bench measures each against fp32
@@ -322,10 +322,10 @@ def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
     faster, vectors as close to fp32 as before: docs/benchmarks.md). Vectors stay within cos 0.99+ of fp32 (see
     tests/test_embedding_precision.py and docs/benchmarks.md). CPU only; returns the model.
 
-    `towers`: "image" (the model's `visual`), "text" (everything else). CLIPGALLERY_PRECISION=int8
-    quantises the image tower only: that is where indexing spends its time, while a query's text
-    tower is small, and int8 moved a trained LiT model's MiniLM text vectors too far (top-10
-    overlap with fp32 0.74; docs/benchmarks.md)."""
+    `towers`: "image" (the model's `visual`), "text" (everything else): CLIPGALLERY_PRECISION and
+    CLIPGALLERY_TEXT_PRECISION each say int8 for one tower. Not every model takes it: int8 moved a
+    trained LiT model's MiniLM text vectors too far (top-10 overlap with fp32 0.74;
+    docs/benchmarks.md), which is why "auto" checks first (`int8_if_faithful`, `int8_text_if_faithful`)."""
     import warnings
 
     import open_clip
@@ -388,6 +388,26 @@ def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
 # a trained transformer with outlier activations can give far less (MiniLM: 0.91), and then int8
 # would reorder results.
 INT8_AUTO_MIN_COSINE = 0.999
+# The same for the int8 text tower, on `PROBE_QUERIES`. A query vector is compared with every
+# image, so what counts is the top-10 overlap with fp32 (>= 0.9): a random-weight ViT-B/32 text
+# tower gives cosine 0.997 and overlap 0.93 with its images; the trained LiT model's MiniLM
+# tower 0.91 and 0.74 (docs/benchmarks.md), and keeps bf16.
+INT8_TEXT_AUTO_MIN_COSINE = 0.995
+# Short queries as people type them, varied in length and subject.
+PROBE_QUERIES = (
+    "dog",
+    "red sneakers",
+    "a wristwatch with a leather strap",
+    "sunset over the mountains",
+    "a photo of a church in the snow",
+    "two children playing football on a beach",
+    "blue denim jacket",
+    "a cup of coffee on a wooden table",
+    "parachute",
+    "an old map of the city with handwritten notes in the margin",
+    "cat sleeping",
+    "a woman in a yellow summer dress",
+)
 
 
 def probe_pictures(count: int = 8, size: int = 256) -> list[PILImage.Image]:
@@ -445,6 +465,47 @@ def int8_if_faithful(model, preprocess) -> tuple[object, bool]:
     return model, False
 
 
+def int8_text_if_faithful(model, tokenizer) -> tuple[object, bool]:
+    """(`model` with its text tower in int8, True) if that keeps the vectors of `PROBE_QUERIES`
+    within INT8_TEXT_AUTO_MIN_COSINE of fp32's; else (the fp32 model, False), with a warning. For
+    CLIPGALLERY_TEXT_PRECISION=auto only, like `int8_if_faithful` for the image tower."""
+    import copy
+
+    import torch
+
+    tokens = trim_text_padding(model, tokenizer(list(PROBE_QUERIES)))
+
+    def vectors(model) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.nn.functional.normalize(text_tower(model)(tokens).float(), dim=-1)
+
+    reference = vectors(model)
+    # The fp32 text side is kept (the image tower is shared, not copied) until int8 has passed.
+    visual, model.visual = model.visual, torch.nn.Identity()
+    try:
+        kept = copy.deepcopy(model)
+    finally:
+        model.visual = visual
+    model = quantize_int8(model, towers=("text",))
+    closeness = float((reference * vectors(model)).sum(-1).min())
+    if closeness >= INT8_TEXT_AUTO_MIN_COSINE:
+        log.info("int8 text tower kept: cosine %.5f to fp32 on probe queries", closeness)
+        del kept
+        release_freed_memory()
+        return model, True
+    kept.visual = visual
+    del model
+    release_freed_memory()
+    # Not a warning: nothing is wrong, "auto" has chosen (a LiT model's MiniLM tower always ends here).
+    log.info(
+        "the int8 text tower moved this model's query vectors too far (cosine %.4f to fp32 on probe queries, "
+        "below %.3f): CLIPGALLERY_TEXT_PRECISION=auto keeps it in bf16 or fp32",
+        closeness,
+        INT8_TEXT_AUTO_MIN_COSINE,
+    )
+    return kept, False
+
+
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, as oneDNN reports it) and
     torch's build has the oneDNN operators the packed bf16 layers use (`_packed_bf16_linear`)."""
@@ -471,8 +532,11 @@ def resolve_precision(requested: str, tower: str = "image", transformer: bool = 
     """A tower's precision setting in force. "auto" picks what is fastest on this CPU within the
     fidelity criterion (top-10 overlap with fp32 >= 0.9, eval mAP within 1 point; docs/benchmarks.md):
 
-    - text tower (one short query at a time: streaming the weights is the cost, so halving their
-      bytes is what counts): bf16 where the CPU has it natively, else fp32.
+    - text tower (one short query at a time: streaming the weights is the cost, so fewer bytes
+      per weight is what counts): int8 where the CPU has int8 dot products (VNNI; a quarter of
+      fp32's bytes: ViT-B/32, one query, 1 thread, 6.4 ms vs bf16's 7.8 on AMD Zen 4 and 6.3 vs
+      9.0 on an Intel Xeon with AMX), kept only if the model passes `int8_text_if_faithful`;
+      else bf16 where the CPU has it natively, else fp32.
     - image tower (batches: arithmetic is the cost): bf16 with AMX tiles (Intel Sapphire Rapids
       and later; ViT-B/32 model only 108 img/s vs int8's 56 on such a Xeon); else, for a vision
       `transformer` (its time is in Linear layers, which int8 quantises), int8 where the CPU has
@@ -481,6 +545,8 @@ def resolve_precision(requested: str, tower: str = "image", transformer: bool = 
     if requested != "auto":
         return requested
     if tower == "text":
+        if _has_cpu_feature("vnni"):
+            return "int8"
         return "bf16" if native_bf16() else "fp32"
     if native_bf16() and _has_cpu_feature("amx_tile"):
         return "bf16"

@@ -75,7 +75,7 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     assert plot is not None and plot.stat().st_size > 0
 
     data = json.loads(json_path.read_text())
-    precisions = {"fp32", "int8", "bf16"} if data["text_precision"] == "bf16" else {"fp32", "int8"}
+    precisions = {"fp32", "int8", "bf16"} if native_bf16() else {"fp32", "int8"}
     assert set(data["ingest"]) == {f"{kind}_{p}" for kind in ("model", "clipgallery") for p in precisions} | {
         "chroma_fp32",
         "model_fp32_glibc",  # the seed-style pipeline's process: its own model, glibc's allocator defaults
@@ -104,11 +104,18 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     assert f"| {data['other_image_precision']} image tower |" in text
     assert {"fp32/1", "int8/1"} <= set(data["text_tower"])
     (trained,) = data["trained_models"]
-    if data["text_precision"] == "bf16":
+    # Each reduced-precision text tower against fp32, for the bench's model and the trained one.
+    assert set(data["text_tower_fidelity"]) == set(trained["text"]) == precisions - {"fp32"}
+    for measured in (*data["text_tower_fidelity"].values(), *trained["text"].values()):
+        assert measured["cos_min"] >= 0.99 and 0.0 <= measured["top10_overlap"] <= 1.0
+    assert trained["text_auto"] in ("int8", "bf16", "fp32")
+    if trained["text_auto"] != "fp32":  # the reduced precision "auto" keeps for it is judged against the target
+        assert f"{trained['text_auto']} text tower: top-10 overlap with fp32 ≥ 0.9 on trained model" in text
+    assert "| int8 | " in text and "top-10 overlap text → image" in text
+    if native_bf16():
         assert "bf16/1" in data["text_tower"]
-        assert trained["text_bf16_cos_min"] >= 0.999 and 0.0 <= trained["text_bf16_top10_overlap"] <= 1.0
+        assert trained["text"]["bf16"]["cos_min"] >= 0.999
         assert trained["image_bf16"]["cos_min"] >= 0.999 and data["fidelity"]["bf16"]["cos_min"] >= 0.999
-        assert "bf16 text tower: top-10 overlap" in text
 
     # Throwaway databases are gone (small sizes are not kept).
     names = pg_server.psql("SELECT datname FROM pg_database WHERE datname LIKE 'bench_%';")

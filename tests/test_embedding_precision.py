@@ -105,26 +105,30 @@ def test_text_precision_setting(monkeypatch):
     monkeypatch.setenv("CLIPGALLERY_TEXT_PRECISION", "BF16")
     assert load_settings().text_precision == "bf16"
     monkeypatch.setenv("CLIPGALLERY_TEXT_PRECISION", "int8")
+    assert load_settings().text_precision == "int8"
+    monkeypatch.setenv("CLIPGALLERY_TEXT_PRECISION", "fp16")
     with pytest.raises(ConfigError, match="CLIPGALLERY_TEXT_PRECISION"):
         load_settings()
     assert resolve_precision("fp32", "text") == "fp32" and resolve_precision("bf16", "text") == "bf16"
-    assert resolve_precision("auto", "text") in ("fp32", "bf16")
+    assert resolve_precision("auto", "text") in ("fp32", "bf16", "int8")
     assert resolve_precision("auto", "image") in ("fp32", "bf16", "int8")
 
 
 @pytest.mark.parametrize(
     ("bf16", "amx", "vnni", "vit", "resnet", "text"),
     [
-        (True, True, True, "bf16", "bf16", "bf16"),  # Intel Sapphire Rapids and later
-        (True, False, True, "int8", "bf16", "bf16"),  # AMD Zen 4, Intel Cooper Lake
-        (False, False, True, "int8", "fp32", "fp32"),  # AVX512-VNNI / AVX-VNNI without bf16
+        (True, True, True, "bf16", "bf16", "int8"),  # Intel Sapphire Rapids and later
+        (True, False, True, "int8", "bf16", "int8"),  # AMD Zen 4, Intel Cooper Lake
+        (False, False, True, "int8", "fp32", "int8"),  # AVX512-VNNI / AVX-VNNI without bf16
+        (True, False, False, "bf16", "bf16", "bf16"),  # bf16 without int8 dot products
         (False, False, False, "fp32", "fp32", "fp32"),  # plain AVX2, or not x86
     ],
 )
 def test_auto_precision_follows_the_cpu_and_the_tower(monkeypatch, bf16, amx, vnni, vit, resnet, text):
     """Each tower gets what is fastest on the CPU: batches of images are arithmetic-bound (AMX bf16;
     else VNNI int8 for a ViT, whose time is in Linear layers, and bf16 for a ResNet, whose
-    convolutions int8 leaves alone), a single text query weight-bound (bf16 halves the bytes)."""
+    convolutions int8 leaves alone), a single text query weight-bound (int8 streams a quarter of
+    fp32's bytes, bf16 half; "auto" then checks int8 on the model: `int8_text_if_faithful`)."""
     import clipgallery.towers as towers
 
     features = {"amx_tile": amx, "vnni": vnni}
@@ -336,6 +340,43 @@ def test_auto_keeps_the_int8_image_tower_only_where_it_stays_close_to_fp32(tiny_
     assert np.array_equal(refused.encode_images(images), same.encode_images(images))
     # Asked for by name, int8 is applied without the check.
     assert Embedder(Settings(model_name=str(tiny_model_dir), precision="int8")).precisions[0] == "int8"
+
+
+def test_auto_keeps_the_int8_text_tower_only_where_it_stays_close_to_fp32(tiny_model_dir, monkeypatch, caplog):
+    """Like the image tower's check, on probe queries: MiniLM's text vectors move far under int8
+    (top-10 overlap with fp32 0.74), a CLIP text tower's hardly at all."""
+    import clipgallery.towers as towers
+
+    monkeypatch.setattr(towers, "_has_cpu_feature", lambda name: name == "vnni")  # auto picks int8 text
+    fp32 = Embedder(Settings(model_name=str(tiny_model_dir), precision="fp32", text_precision="fp32"))
+    kept = Embedder(Settings(model_name=str(tiny_model_dir), precision="fp32"))
+    kept.load()
+    assert kept._precisions[1] == "int8"
+    text_side = [m for name, m in kept._model.named_modules() if not name.startswith("visual")]
+    assert any(hasattr(m, "_packed_params") for m in text_side)  # quantised Linear layers
+    assert not any(type(m) is torch.nn.Linear for m in text_side)
+    assert all(type(m) is not torch.nn.Linear or m.weight.dtype == torch.float32 for m in kept._model.visual.modules())
+    a, b = fp32.encode_texts(TEXTS), kept.encode_texts(TEXTS)
+    assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(a * b, axis=1)) >= towers.INT8_TEXT_AUTO_MIN_COSINE
+    assert isinstance(kept._text_tower, torch.jit.ScriptModule)  # the int8 tower is traced too
+    images = [picture(seed, (120, 90)) for seed in range(3)]
+    assert np.array_equal(fp32.encode_images(images), kept.encode_images(images))  # image tower untouched
+
+    monkeypatch.setattr(towers, "INT8_TEXT_AUTO_MIN_COSINE", 1.01)  # no int8 tower can pass this
+    caplog.set_level("INFO", logger="clipgallery.towers")
+    refused = Embedder(Settings(model_name=str(tiny_model_dir), precision="fp32"))
+    refused.load()
+    fallback = refused._precisions[1]
+    assert fallback == ("bf16" if native_bf16() else "fp32")
+    assert "moved this model's query vectors too far" in caplog.text
+    same = Embedder(Settings(model_name=str(tiny_model_dir), precision="fp32", text_precision=fallback))
+    assert np.array_equal(refused.encode_texts(TEXTS), same.encode_texts(TEXTS))
+    assert np.array_equal(refused.encode_images(images), same.encode_images(images))
+    # Asked for by name, int8 is applied without the check.
+    named = Embedder(Settings(model_name=str(tiny_model_dir), precision="fp32", text_precision="int8"))
+    named.load()
+    assert named._precisions[1] == "int8"
 
 
 def test_probe_pictures_are_fixed_and_varied():
