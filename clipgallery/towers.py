@@ -390,8 +390,8 @@ def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
 INT8_AUTO_MIN_COSINE = 0.999
 # The same for the int8 text tower, on `PROBE_QUERIES`. A query vector is compared with every
 # image, so what counts is the top-10 overlap with fp32 (>= 0.9): a random-weight ViT-B/32 text
-# tower gives cosine 0.997 and overlap 0.93 with its images; the trained LiT model's MiniLM
-# tower 0.91 and 0.74 (docs/benchmarks.md), and keeps bf16.
+# tower gives cosine 0.997 here and overlap 0.93 with its images; the trained LiT model's MiniLM
+# tower 0.83 here and overlap 0.76 (docs/benchmarks.md), and keeps bf16.
 INT8_TEXT_AUTO_MIN_COSINE = 0.995
 # Short queries as people type them, varied in length and subject.
 PROBE_QUERIES = (
@@ -467,7 +467,7 @@ def int8_if_faithful(model, preprocess) -> tuple[object, bool]:
 
 def int8_text_if_faithful(model, tokenizer) -> tuple[object, bool]:
     """(`model` with its text tower in int8, True) if that keeps the vectors of `PROBE_QUERIES`
-    within INT8_TEXT_AUTO_MIN_COSINE of fp32's; else (the fp32 model, False), with a warning. For
+    within INT8_TEXT_AUTO_MIN_COSINE of fp32's; else (the fp32 model, False). For
     CLIPGALLERY_TEXT_PRECISION=auto only, like `int8_if_faithful` for the image tower."""
     import copy
 
@@ -534,8 +534,8 @@ def resolve_precision(requested: str, tower: str = "image", transformer: bool = 
 
     - text tower (one short query at a time: streaming the weights is the cost, so fewer bytes
       per weight is what counts): int8 where the CPU has int8 dot products (VNNI; a quarter of
-      fp32's bytes: ViT-B/32, one query, 1 thread, 6.4 ms vs bf16's 7.8 on AMD Zen 4 and 6.3 vs
-      9.0 on an Intel Xeon with AMX), kept only if the model passes `int8_text_if_faithful`;
+      fp32's bytes: ViT-B/32, one query, 1 thread, 6.4 ms vs bf16's 7.8 on AMD Zen 4 and 5.0 vs
+      7.3 on an Intel Xeon with AMX), kept only if the model passes `int8_text_if_faithful`;
       else bf16 where the CPU has it natively, else fp32.
     - image tower (batches: arithmetic is the cost): bf16 with AMX tiles (Intel Sapphire Rapids
       and later; ViT-B/32 model only 108 img/s vs int8's 56 on such a Xeon); else, for a vision
