@@ -449,19 +449,12 @@ def int8_if_faithful(model, preprocess) -> tuple[object, bool]:
     with torch.inference_mode():
         quantised = torch.nn.functional.normalize(model.visual(pixels).float(), dim=-1)
     closeness = float((reference * quantised).sum(-1).min())
-    if closeness >= INT8_AUTO_MIN_COSINE:
-        log.info("int8 image tower kept: cosine %.5f to fp32 on probe pictures", closeness)
+    if _int8_verdict("image", closeness, INT8_AUTO_MIN_COSINE):
         del kept
         release_freed_memory()
         return model, True
     model.visual = kept
     release_freed_memory()
-    log.warning(
-        "the int8 image tower moved this model's vectors too far (cosine %.4f to fp32 on probe pictures, "
-        "below %.3f): CLIPGALLERY_PRECISION=auto keeps it in bf16 or fp32",
-        closeness,
-        INT8_AUTO_MIN_COSINE,
-    )
     return model, False
 
 
@@ -488,22 +481,38 @@ def int8_text_if_faithful(model, tokenizer) -> tuple[object, bool]:
         model.visual = visual
     model = quantize_int8(model, towers=("text",))
     closeness = float((reference * vectors(model)).sum(-1).min())
-    if closeness >= INT8_TEXT_AUTO_MIN_COSINE:
-        log.info("int8 text tower kept: cosine %.5f to fp32 on probe queries", closeness)
+    if _int8_verdict("text", closeness, INT8_TEXT_AUTO_MIN_COSINE):
         del kept
         release_freed_memory()
         return model, True
     kept.visual = visual
     del model
     release_freed_memory()
-    # Not a warning: nothing is wrong, "auto" has chosen (a LiT model's MiniLM tower always ends here).
-    log.info(
-        "the int8 text tower moved this model's query vectors too far (cosine %.4f to fp32 on probe queries, "
-        "below %.3f): CLIPGALLERY_TEXT_PRECISION=auto keeps it in bf16 or fp32",
-        closeness,
-        INT8_TEXT_AUTO_MIN_COSINE,
-    )
     return kept, False
+
+
+def _int8_verdict(tower: str, closeness: float, minimum: float) -> bool:
+    """Whether an int8 tower whose probe vectors are `closeness` (least cosine) from fp32's is
+    kept, logged either way. A refused image tower is a warning (a CLIP image tower normally
+    passes); a refused text tower is not: a LiT model's MiniLM tower always ends there."""
+    probes, setting = {
+        "image": ("pictures", "CLIPGALLERY_PRECISION"),
+        "text": ("queries", "CLIPGALLERY_TEXT_PRECISION"),
+    }[tower]
+    if closeness >= minimum:
+        log.info("int8 %s tower kept: cosine %.5f to fp32 on probe %s", tower, closeness, probes)
+        return True
+    log.log(
+        logging.WARNING if tower == "image" else logging.INFO,
+        "the int8 %s tower moved this model's vectors too far (cosine %.4f to fp32 on probe %s, "
+        "below %.3f): %s=auto keeps it in bf16 or fp32",
+        tower,
+        closeness,
+        probes,
+        minimum,
+        setting,
+    )
+    return False
 
 
 def native_bf16() -> bool:
