@@ -131,10 +131,12 @@ class Settings:
     vector_index_min_vectors: int = 5_000
     # ef_search per kind of query. A text query lies far from every image (CLIP's modality gap), so
     # its graph walk needs a wide beam: with the trained fashion model at 100k vectors its
-    # recall@10 is 0.51 at ef_search 40 and 0.67 at 100. An image's neighbours are close: 1.000
-    # from ef_search 10 there, and on the fashion model's 1M set 0.958 at 40 against 0.963 at 100
-    # (SQL p95 3.3 against 4.0 ms; docs/scaling.md#recall-per-kind-of-query).
-    hnsw_ef_search: int = 100  # text queries, and vectors of unknown origin
+    # recall@10 is 0.61 / 0.75 / 0.84 / 0.88 at ef_search 40 / 100 / 200 / 300; from 100 on, each
+    # step costs ≈ 1 ms (SQL p50 1.8 / 2.9 / 3.8 ms, a whole text query 8.0 / 9.1 / 10.3; 2026-11-29,
+    # docs/scaling.md#recall-per-kind-of-query). An image's neighbours are close: 1.000 from
+    # ef_search 10 there, and on the fashion model's 1M set 0.958 at 40 against 0.963 at 100 (SQL
+    # p95 3.3 against 4.0 ms).
+    hnsw_ef_search: int = 200  # text queries, and vectors of unknown origin
     hnsw_ef_search_image: int = 40  # image queries: upload, URL, "more like this"
     default_k: int = 20
     max_k: int = 500

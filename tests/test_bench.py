@@ -92,7 +92,7 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     assert size["exact_sql"]["recall"] == 1.0 and size["numpy"]["recall"] == 1.0
     # The recall curves' text queries are the given file's; the image queries' beam is judged.
     assert size["queries_text"] == 3 and f"the queries of `{recall_queries}`" in text
-    assert "shipped ef_search (image queries 40, text queries 100): near queries" in text
+    assert "shipped ef_search (image queries 40, text queries 200): near queries" in text
     assert set(data["fidelity"]) == precisions - {"fp32"}
     assert 0.0 <= data["fidelity"]["int8"]["image_top10_overlap"] <= 1.0
     # The shipped text tower (bf16 on CPUs with native bf16) beside fp32, in latency and fidelity.

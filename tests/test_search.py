@@ -114,7 +114,7 @@ def test_image_queries_search_with_a_narrower_beam_than_text_queries(gallery, se
         return int(session.execute(text("SELECT current_setting('hnsw.ef_search')")).scalar())
 
     text_beam, image_beam = settings.hnsw_ef_search, settings.hnsw_ef_search_image
-    assert (text_beam, image_beam) == (100, 40)
+    assert (text_beam, image_beam) == (200, 40)
     search_text(session, embedder, "a red square", k=5)
     assert beam() == text_beam
     search_similar(session, embedder, gallery[3], k=5)
@@ -129,8 +129,8 @@ def test_image_queries_search_with_a_narrower_beam_than_text_queries(gallery, se
     # Deep pages widen either beam to the page's depth (offset + k + 1).
     search_similar(session, embedder, gallery[3], k=30, offset=30)
     assert beam() == 61
-    search_text(session, embedder, "a red square", k=30, offset=90, hybrid=False)
-    assert beam() == 121
+    search_text(session, embedder, "a red square", k=30, offset=200, hybrid=False)
+    assert beam() == 231
 
 
 def test_the_image_beam_is_configurable(monkeypatch):
