@@ -293,11 +293,17 @@ def _is_patch_embedding(conv) -> bool:
     )
 
 
-# The kernels int8 layers are packed for (each layer keeps its own; the process-wide setting is
-# only read while packing). oneDNN's VNNI kernels ran the ViT-B/32 image tower 1.2x as fast as
-# fbgemm's, PyTorch's x86 default (2 cores, AMD Zen 4: 61 -> 73 images/s, vectors as close to
-# fp32: docs/benchmarks.md). fbgemm where a build lacks oneDNN.
-INT8_ENGINE = "onednn"
+def int8_engine(tower: str) -> str:
+    """The kernels a tower's int8 layers are packed for (each layer keeps its own; the process-wide
+    setting is only read while packing). oneDNN's VNNI kernels ran the ViT-B/32 image tower 1.2x as
+    fast as fbgemm's, PyTorch's x86 default (2 cores, AMD Zen 4: 61 -> 73 images/s, vectors as
+    close to fp32: docs/benchmarks.md). Without VNNI (plain AVX2, AMD Zen 3) oneDNN's int8 kernels
+    are slow on the few rows of one text query: ViT-B/32 text tower, one query on one thread,
+    23.5 ms against fbgemm's 8.1 (same vectors; image batches about even), so a text tower there
+    is packed for fbgemm. Where a build lacks the engine, the build's default."""
+    if tower == "text" and not _has_cpu_feature("vnni"):
+        return "fbgemm"
+    return "onednn"
 
 
 @contextmanager
@@ -312,6 +318,10 @@ def quantized_engine(name: str) -> Iterator[None]:
         yield
     finally:
         torch.backends.quantized.engine = before
+
+
+def _in_image_tower(module_name: str) -> bool:
+    return module_name == "visual" or module_name.startswith("visual.")
 
 
 def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
@@ -332,7 +342,7 @@ def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
     import torch
 
     def chosen(name: str) -> bool:
-        in_image = name == "visual" or name.startswith("visual.")
+        in_image = _in_image_tower(name)
         return ("image" in towers and in_image) or ("text" in towers and not in_image)
 
     attention = _self_attention_module()
@@ -363,15 +373,17 @@ def quantize_int8(model, towers: tuple[str, ...] = ("image",)):
         # torch.ao.quantization is deprecated in favour of torchao, which is not installed here.
         warnings.simplefilter("ignore")
         qconfig = torch.ao.quantization.default_dynamic_qconfig
-        targets = {
-            name: qconfig
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear)
-            and chosen(name)
-            and not any(name.startswith(f"{r}.") for r in weight_readers)
-        }
-        with quantized_engine(INT8_ENGINE):
-            model = torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
+        for tower in towers:
+            targets = {
+                name: qconfig
+                for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear)
+                and chosen(name)
+                and _in_image_tower(name) == (tower == "image")
+                and not any(name.startswith(f"{r}.") for r in weight_readers)
+            }
+            with quantized_engine(int8_engine(tower)):
+                model = torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
     for module in model.modules():
         if isinstance(module, open_clip.transformer.ResidualAttentionBlock) and hasattr(
             module.mlp.c_fc, "_packed_params"
@@ -545,23 +557,30 @@ def resolve_precision(requested: str, tower: str = "image", transformer: bool = 
       per weight is what counts): int8 where the CPU has int8 dot products (VNNI; a quarter of
       fp32's bytes: ViT-B/32, one query, 1 thread, 6.4 ms vs bf16's 7.8 on AMD Zen 4 and 5.0 vs
       7.3 on an Intel Xeon with AMX), kept only if the model passes `int8_text_if_faithful`;
-      else bf16 where the CPU has it natively, else fp32.
+      else bf16 where the CPU has it natively; else int8 again where the CPU has AVX2 (its int8
+      kernels multiply in 16-bit pairs, slower than VNNI but still half fp32's time: 30.6 vs
+      64.8 ms on AMD Zen 3); else fp32.
     - image tower (batches: arithmetic is the cost): bf16 with AMX tiles (Intel Sapphire Rapids
       and later; ViT-B/32 model only 108 img/s vs int8's 56 on such a Xeon); else, for a vision
       `transformer` (its time is in Linear layers, which int8 quantises), int8 where the CPU has
       int8 dot products (VNNI; AMD Zen 4: 64 img/s vs bf16's 42 and fp32's 19); else bf16 where
-      native (a convolutional tower: int8 leaves its convolutions in fp32, bf16 does not); else fp32."""
+      native (a convolutional tower: int8 leaves its convolutions in fp32, bf16 does not); else
+      int8 for a vision transformer on AVX2 (AMD Zen 3: 24.7 img/s vs fp32's 11.9); else fp32."""
     if requested != "auto":
         return requested
     if tower == "text":
         if _has_cpu_feature("vnni"):
             return "int8"
-        return "bf16" if native_bf16() else "fp32"
+        if native_bf16():
+            return "bf16"
+        return "int8" if _has_cpu_feature("avx2") else "fp32"
     if native_bf16() and _has_cpu_feature("amx_tile"):
         return "bf16"
     if transformer and _has_cpu_feature("vnni"):
         return "int8"
-    return "bf16" if native_bf16() else "fp32"
+    if native_bf16():
+        return "bf16"
+    return "int8" if transformer and _has_cpu_feature("avx2") else "fp32"
 
 
 # The oneDNN call as TorchScript: its empty `Scalar?[]` argument is a type the tracer cannot record
@@ -699,11 +718,23 @@ def to_bf16(model, towers: tuple[str, ...] = ("image", "text")):
     Vectors stay within cosine 0.9999 of fp32 (tests/test_embedding_precision.py; docs/benchmarks.md
     for speed and for ranking fidelity on trained models). Needs a CPU with native bf16 (see
     `resolve_precision`); elsewhere bf16 is emulated and slower. The image tower's input must be
-    cast to bf16 (`Embedder.encode_preprocessed` does)."""
+    cast to bf16 (`Embedder.encode_preprocessed` does).
+
+    On a CPU without native bf16 (oneDNN packs bf16 weights only with AVX512 or AVX-NE-CONVERT)
+    the layers stay plain bf16 Linear layers: bf16 asked for by name still works there, emulated
+    and several times slower than fp32 (ViT-B/32 on AMD Zen 3: 1.6 images/s against 14.5), with
+    a warning; "auto" never picks it on such a CPU."""
     import open_clip
     import torch
 
     attention = _self_attention_module()
+    packed = native_bf16()
+    if not packed:
+        log.warning(
+            "this CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 %s tower runs emulated, "
+            "several times slower than fp32; the precision 'auto' picks int8 or fp32 here",
+            " and ".join(towers),
+        )
     packed_linear = _packed_bf16_linear()
     sides = [child for name, child in model.named_children() if ("image" if name == "visual" else "text") in towers]
     for side in sides:
@@ -725,6 +756,8 @@ def to_bf16(model, towers: tuple[str, ...] = ("image", "text")):
                 # runs q/k/v through one packed matrix and casts the causal mask to bf16.
                 module.attn = attention(module.attn)
         side.to(torch.bfloat16)
+        if not packed:
+            continue
         for module in list(side.modules()):
             for name, child in list(module.named_children()):
                 if type(child) is torch.nn.Linear and id(child) not in weight_readers:

@@ -54,7 +54,7 @@ def test_quantize_int8_reaches_every_linear_layer(tiny_model_dir):
     engine = torch.backends.quantized.engine
     embedder = Embedder(Settings(model_name=str(tiny_model_dir), precision="int8", text_precision="fp32"))
     embedder.load_image_tower()
-    # Packed for oneDNN's kernels (INT8_ENGINE) without changing the process-wide engine.
+    # Packed for each tower's kernels (int8_engine) without changing the process-wide engine.
     assert torch.backends.quantized.engine == engine
     model = embedder._model
     visual = model.visual
@@ -66,6 +66,28 @@ def test_quantize_int8_reaches_every_linear_layer(tiny_model_dir):
     assert any(isinstance(m, torch.nn.MultiheadAttention) for m in model.transformer.modules())
     quantize_int8(model, towers=("text",))
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_engine_per_tower(monkeypatch, vnni):
+    """oneDNN everywhere but for a text tower on a CPU without VNNI, where its kernels take 3x
+    fbgemm's time on a query's few rows; either way the vectors are the same."""
+    import clipgallery.towers as towers
+
+    monkeypatch.setattr(towers, "_has_cpu_feature", lambda name: vnni if name == "vnni" else True)
+    assert towers.int8_engine("image") == "onednn"
+    assert towers.int8_engine("text") == ("onednn" if vnni else "fbgemm")
+
+
+def test_int8_text_tower_on_either_engine_gives_the_same_vectors(tiny_model_dir, monkeypatch):
+    import clipgallery.towers as towers
+
+    vectors = {}
+    for engine in ("onednn", "fbgemm"):
+        monkeypatch.setattr(towers, "int8_engine", lambda tower, engine=engine: engine)
+        embedder = Embedder(Settings(model_name=str(tiny_model_dir), precision="fp32", text_precision="int8"))
+        vectors[engine] = embedder.encode_texts(TEXTS)
+    assert np.min(np.sum(vectors["onednn"] * vectors["fbgemm"], axis=1)) >= 0.999
 
 
 @pytest.mark.parametrize("size", [(224, 224), (230, 250)])
@@ -115,23 +137,25 @@ def test_text_precision_setting(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("bf16", "amx", "vnni", "vit", "resnet", "text"),
+    ("bf16", "amx", "vnni", "avx2", "vit", "resnet", "text"),
     [
-        (True, True, True, "bf16", "bf16", "int8"),  # Intel Sapphire Rapids and later
-        (True, False, True, "int8", "bf16", "int8"),  # AMD Zen 4, Intel Cooper Lake
-        (False, False, True, "int8", "fp32", "int8"),  # AVX512-VNNI / AVX-VNNI without bf16
-        (True, False, False, "bf16", "bf16", "bf16"),  # bf16 without int8 dot products
-        (False, False, False, "fp32", "fp32", "fp32"),  # plain AVX2, or not x86
+        (True, True, True, True, "bf16", "bf16", "int8"),  # Intel Sapphire Rapids and later
+        (True, False, True, True, "int8", "bf16", "int8"),  # AMD Zen 4, Intel Cooper Lake
+        (False, False, True, True, "int8", "fp32", "int8"),  # AVX512-VNNI / AVX-VNNI without bf16
+        (True, False, False, True, "bf16", "bf16", "bf16"),  # bf16 without int8 dot products
+        (False, False, False, True, "int8", "fp32", "int8"),  # plain AVX2: AMD Zen 2/3, Intel Haswell to Skylake
+        (False, False, False, False, "fp32", "fp32", "fp32"),  # not x86
     ],
 )
-def test_auto_precision_follows_the_cpu_and_the_tower(monkeypatch, bf16, amx, vnni, vit, resnet, text):
+def test_auto_precision_follows_the_cpu_and_the_tower(monkeypatch, bf16, amx, vnni, avx2, vit, resnet, text):
     """Each tower gets what is fastest on the CPU: batches of images are arithmetic-bound (AMX bf16;
     else VNNI int8 for a ViT, whose time is in Linear layers, and bf16 for a ResNet, whose
-    convolutions int8 leaves alone), a single text query weight-bound (int8 streams a quarter of
-    fp32's bytes, bf16 half; "auto" then checks int8 on the model: `int8_text_if_faithful`)."""
+    convolutions int8 leaves alone; on plain AVX2 int8 still halves a ViT's fp32 time), a single
+    text query weight-bound (int8 streams a quarter of fp32's bytes, bf16 half; "auto" then checks
+    int8 on the model: `int8_text_if_faithful`)."""
     import clipgallery.towers as towers
 
-    features = {"amx_tile": amx, "vnni": vnni}
+    features = {"amx_tile": amx, "vnni": vnni, "avx2": avx2}
     monkeypatch.setattr(towers, "native_bf16", lambda: bf16)
     monkeypatch.setattr(towers, "_has_cpu_feature", lambda name: features[name])
     assert resolve_precision("auto", "image", transformer=True) == vit
@@ -188,6 +212,25 @@ def test_bf16_towers_stay_close_to_fp32_each_on_its_own(tiny_model_dir):
     assert isinstance(image_bf16._image_tower, torch.jit.ScriptModule)  # traced: no GIL per operation
     # Same model identity: precision is not a model change (no re-embed needed).
     assert fp32.identity == text_bf16.identity == image_bf16.identity
+
+
+def test_bf16_by_name_runs_emulated_on_a_cpu_without_native_bf16(tiny_model_dir, monkeypatch, caplog):
+    """CLIPGALLERY_PRECISION=bf16 on a CPU whose oneDNN cannot pack bf16 weights (plain AVX2, e.g.
+    AMD Zen 3): the model still loads, with plain bf16 layers and a warning, instead of failing."""
+    import clipgallery.towers as towers
+
+    monkeypatch.setattr(towers, "native_bf16", lambda: False)
+    fp32 = Embedder(Settings(model_name=str(tiny_model_dir), precision="fp32", text_precision="fp32"))
+    bf16 = Embedder(Settings(model_name=str(tiny_model_dir), precision="bf16", text_precision="bf16"))
+    with caplog.at_level("WARNING", logger="clipgallery.towers"):
+        assert bf16.precisions == ("bf16", "bf16")
+    assert "no native bf16" in caplog.text
+    assert np.min(np.sum(fp32.encode_texts(TEXTS) * bf16.encode_texts(TEXTS), axis=1)) >= 0.999
+    images = [picture(seed, (120, 90)) for seed in range(4)]
+    assert np.min(np.sum(fp32.encode_images(images) * bf16.encode_images(images), axis=1)) >= 0.999
+    layers = [m for m in bf16._model.modules() if isinstance(m, torch.nn.Linear)]
+    assert layers and all(m.weight.dtype == torch.bfloat16 for m in layers)
+    assert not any(type(m).__name__ in ("PackedBf16Linear", "FusedBf16Block") for m in bf16._model.modules())
 
 
 @needs_native_bf16
