@@ -16,9 +16,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("cosine", "l2", "ip", "l1")
 # Numeric precision of each tower: fp32 as trained, bf16, or int8 (dynamic quantisation of its
 # Linear layers). "auto" picks the fastest the CPU has natively within the fidelity criterion
-# (towers.resolve_precision): for images bf16 with AMX, else int8 with VNNI, else fp32; for text
-# queries int8 with VNNI, else bf16 where native, else fp32. "auto" keeps int8 only for a model
-# whose vectors it leaves close to fp32's on probe inputs. See docs/benchmarks.md.
+# (towers.resolve_precision): for images bf16 with AMX, else int8 with VNNI, else bf16 where
+# native, else int8 on AVX2 (for a ViT), else fp32; for text queries int8 with VNNI, else bf16
+# where native, else int8 on AVX2, else fp32. "auto" keeps int8 only for a model whose vectors it
+# leaves close to fp32's on probe inputs. See docs/benchmarks.md.
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 TEXT_PRECISIONS = PRECISIONS
 THUMBNAIL_FORMATS = ("jpeg", "webp")
