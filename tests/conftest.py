@@ -8,7 +8,7 @@ import io
 import itertools
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
 
@@ -113,11 +113,32 @@ def empty_settings(pg_server, tiny_model_dir, tmp_path) -> Iterator[Settings]:
     db.dispose_engine(settings)
 
 
+# Settings that shape a loaded model; the others (database, limits, query threads...) are read
+# from the Embedder's settings at each call.
+MODEL_SETTINGS = (
+    "model_name",
+    "pretrained",
+    "precision",
+    "text_precision",
+    "trace_image_tower",
+    "trace_text_tower",
+    "torch_threads",
+)
+_loaded_models: dict[tuple, Embedder] = {}
+
+
 @pytest.fixture
 def embedder(settings) -> Embedder:
-    embedder = Embedder(settings)
-    embedder.load()
-    return embedder
+    """The test's settings on a model loaded once per session (`Embedder.sharing_model`, as the
+    bench's variants share one): loading, converting and tracing the tiny model costs ≈ 4 s, in
+    ≈ 150 tests. Each test still gets its own Embedder (text cache, locks, queue); tests of
+    loading itself build theirs."""
+    key = tuple(getattr(settings, name) for name in MODEL_SETTINGS)
+    loaded = _loaded_models.get(key)
+    if loaded is None:
+        loaded = _loaded_models[key] = Embedder(settings)
+        loaded.load_image_tower()
+    return loaded.sharing_model(**{f.name: getattr(settings, f.name) for f in fields(settings)})
 
 
 @pytest.fixture
@@ -155,9 +176,21 @@ def jpeg(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
     return encode(picture(seed, size), "JPEG", quality=90)
 
 
-def insert_synthetic_images(session, model_id: int, vectors: np.ndarray, description_sql: str = "''") -> list[int]:
+def insert_synthetic_images(
+    session, model_id: int, vectors: np.ndarray, description_sql: str = "''", settings: Settings | None = None
+) -> list[int]:
     """Rows without files, named 'item <n>', with the given vectors (fast: one INSERT, one COPY), for
-    tests that need thousands of images. `description_sql` may use the series number `g`."""
+    tests that need thousands of images. `description_sql` may use the series number `g`. With
+    `settings`, written the way bulk indexing writes many vectors (`db.deferred_vector_index`: the
+    HNSW index dropped and built once at the end — at the shipped m 48 / ef_construction 256,
+    5,000 vectors inserted into the index one by one took 30-50 s here)."""
+    if settings is None:
+        return _insert_synthetic_images(session, model_id, vectors, description_sql)
+    with db.deferred_vector_index(session, settings, incoming=len(vectors)):
+        return _insert_synthetic_images(session, model_id, vectors, description_sql)
+
+
+def _insert_synthetic_images(session, model_id: int, vectors: np.ndarray, description_sql: str) -> list[int]:
     from sqlalchemy import text
 
     session.execute(

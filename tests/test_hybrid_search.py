@@ -142,7 +142,11 @@ def test_hybrid_search_uses_the_hnsw_index_on_thousands_of_rows(session, embedde
     vectors = rng.normal(size=(5000, 64)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = insert_synthetic_images(
-        session, model_id, vectors, description_sql="CASE WHEN g % 100 = 0 THEN 'rare word' ELSE '' END"
+        session,
+        model_id,
+        vectors,
+        description_sql="CASE WHEN g % 100 = 0 THEN 'rare word' ELSE '' END",
+        settings=settings,
     )
     session.execute(text("ANALYZE images; ANALYZE image_embeddings"))
     keyword_sql = keyword_ranking_sql(with_exclude=False, depth=40, keyword_scan=1000)

@@ -181,7 +181,7 @@ def test_the_default_search_uses_the_hnsw_index_on_thousands_of_rows(session, em
     centres = rng.normal(size=(20, 64))
     vectors = centres[rng.integers(0, 20, 5000)] + 0.3 * rng.normal(size=(5000, 64))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    ids = insert_synthetic_images(session, model_id, vectors)
+    ids = insert_synthetic_images(session, model_id, vectors, settings=settings)
     session.execute(text("ANALYZE images; ANALYZE image_embeddings"))
 
     sql = search_sql("cosine", uses_index=True, with_threshold=False, with_exclude=False, limit=21)
