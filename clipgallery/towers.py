@@ -558,8 +558,8 @@ def resolve_precision(requested: str, tower: str = "image", transformer: bool = 
       fp32's bytes: ViT-B/32, one query, 1 thread, 6.4 ms vs bf16's 7.8 on AMD Zen 4 and 5.0 vs
       7.3 on an Intel Xeon with AMX), kept only if the model passes `int8_text_if_faithful`;
       else bf16 where the CPU has it natively; else int8 again where the CPU has AVX2 (its int8
-      kernels multiply in 16-bit pairs, slower than VNNI but still half fp32's time: 30.6 vs
-      64.8 ms on AMD Zen 3); else fp32.
+      kernels multiply in 16-bit pairs, slower than VNNI but still a fifth of fp32's time with
+      fbgemm's kernels, `int8_engine`: 7.6-10.4 vs 46-52 ms on AMD Zen 3); else fp32.
     - image tower (batches: arithmetic is the cost): bf16 with AMX tiles (Intel Sapphire Rapids
       and later; ViT-B/32 model only 108 img/s vs int8's 56 on such a Xeon); else, for a vision
       `transformer` (its time is in Linear layers, which int8 quantises), int8 where the CPU has
