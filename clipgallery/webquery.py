@@ -65,6 +65,7 @@ class Tile:
     thumbnail_url: str
     score: str = ""  # "0.873"; empty when browsing
     score_title: str = ""  # what the number is, for a tooltip
+    text_match: bool = False  # hybrid search ranked it up for the query's words (marked on its badge)
 
 
 @dataclass(frozen=True)
@@ -194,10 +195,15 @@ class Results:
     extra: dict = field(default_factory=dict)
 
 
+def _three_decimals(value: float) -> str:
+    # "+ 0.0" turns the -0.0 of a tiny negative similarity into 0.0: no "-0.000" on a badge.
+    return f"{round(value, 3) + 0.0:.3f}"
+
+
 def _score(metric: str, similarity: float | None, distance: float) -> tuple[str, str]:
     if similarity is None:
-        return f"{distance:.3f}", f"{metric.upper()} distance (lower is closer)"
-    return f"{similarity:.3f}", f"similarity ({metric})"
+        return _three_decimals(distance), f"{metric.upper()} distance (lower is closer)"
+    return _three_decimals(similarity), f"similarity ({metric})"
 
 
 def _results(page: SearchPage, session) -> Results:
@@ -207,7 +213,7 @@ def _results(page: SearchPage, session) -> Results:
         if hit.text_match:
             # Hybrid search ranks by the fused score, so say why a lower similarity sits higher.
             title += "; ranked up: its name or description has your words"
-        tiles.append(Tile(hit.id, hit.name, hit.description, hit.thumbnail_url, score, title))
+        tiles.append(Tile(hit.id, hit.name, hit.description, hit.thumbnail_url, score, title, hit.text_match))
     empty = not tiles and page.offset == 0 and count_images(session) == 0
     return Results(tiles, page.has_more, empty, page.metric, page.exact)
 

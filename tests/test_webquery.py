@@ -11,10 +11,11 @@ from clipgallery.embedding import ModelUnavailableError
 from clipgallery.fetch import FetchError
 from clipgallery.gallery import ModelMismatchError, NotFoundError
 from clipgallery.imaging import RejectedImage
-from clipgallery.search import InvalidQuery
+from clipgallery.search import InvalidQuery, SearchHit, SearchPage
 from clipgallery.webquery import (
     FilterParams,
     QueryOptions,
+    _results,
     describe_error,
     make_url,
     options_params,
@@ -72,3 +73,25 @@ def test_unexpected_errors_are_summarised_not_dumped(caplog):
     assert message.startswith("Something went wrong on the server (KeyError)")
     assert "secret internals" not in message
     assert "secret internals" in caplog.text  # the details go to the log
+
+
+def _hit(image_id: int, similarity: float, text_match: bool) -> SearchHit:
+    return SearchHit(
+        image_id, f"img {image_id}", "", 1.0 - similarity, similarity, "/t.jpg", "/o.jpg", 1, 1, "image/jpeg",
+        score=0.01, text_match=text_match,
+    )  # fmt: skip
+
+
+def test_tiles_mark_word_matches_and_never_show_minus_zero():
+    page = SearchPage(
+        [_hit(1, -0.0004, True), _hit(2, 0.3127, False), _hit(3, -0.0126, False)],
+        "cosine", k=3, offset=0, has_more=False, exact=True, hybrid=True,
+    )  # fmt: skip
+    tiles = _results(page, session=None).tiles  # the session is read only for an empty first page
+    assert [t.score for t in tiles] == ["0.000", "0.313", "-0.013"]
+    assert [t.text_match for t in tiles] == [True, False, False]
+    assert "ranked up: its name or description has your words" in tiles[0].score_title
+    assert "ranked up" not in tiles[1].score_title
+    l1_hit = SearchHit(4, "img 4", "", -0.00001, None, "/t.jpg", "/o.jpg", 1, 1, "image/jpeg")
+    distances = _results(SearchPage([l1_hit], "l1", 1, 0, False, True), None).tiles
+    assert distances[0].score == "0.000" and "L1 distance" in distances[0].score_title

@@ -40,6 +40,12 @@ def score_badge(item: rx.Var[Tile]) -> rx.Component:
     return rx.cond(
         item.score != "",
         rx.badge(
+            # Hybrid search can rank a word match above a closer image: the mark says why its
+            # number sits out of order (the tooltip says it in words).
+            rx.cond(
+                item.text_match,
+                rx.icon("text_search", size=12, aria_label="matches your words", data_testid="tile-text-match"),
+            ),
             item.score,
             title=item.score_title,
             variant="solid",

@@ -124,6 +124,22 @@ def test_text_search_returns_an_ordered_grid(page: Page, seeded, gallery):
     expect(first.get_by_test_id("tile-score")).to_have_text(re.compile(r"^-?\d\.\d{3}$"))
 
 
+def test_word_matches_ranked_up_by_hybrid_search_are_marked(page: Page, seeded):
+    """Hybrid search can put a word match above a closer image: its score badge carries a mark
+    (and says why in its tooltip), so an out-of-order number does not look like a bug."""
+    seaside = {str(s["id"]) for s in seeded if MARKER in s["description"]}
+    page.goto(f"/search?q={MARKER}+morning")
+    expect(tiles(page).first).to_be_visible()
+    marked = tiles(page).filter(has=page.get_by_test_id("tile-text-match"))
+    expect(marked).to_have_count(2)
+    assert set(marked.evaluate_all("els => els.map(e => e.dataset.id)")) == seaside
+    # Matching words and near enough to be among the vector side's candidates: ranked first.
+    assert {str(i) for i in tile_ids(page)[:2]} == seaside
+    badge = marked.first.get_by_test_id("tile-score")
+    expect(badge).to_have_text(re.compile(r"^-?\d\.\d{3}$"))
+    expect(badge).to_have_attribute("title", re.compile("ranked up: its name or description has your words"))
+
+
 def test_caption_appears_on_hover_and_on_keyboard_focus(page: Page, seeded):
     page.goto(f"/search?q=seaside&text={MARKER}")
     expect(tiles(page)).to_have_count(2)
