@@ -18,6 +18,8 @@ def _print_page(page, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from clipgallery.search import format_score
+
     console = Console()
     how = "exact scan" if page.exact else "HNSW index"
     if page.hybrid:
@@ -30,9 +32,9 @@ def _print_page(page, title: str) -> None:
     table.add_column("name")
     table.add_column("description", overflow="fold", max_width=60)
     for rank, hit in enumerate(page.hits, start=page.offset + 1):
-        similarity = "" if hit.similarity is None else f"{hit.similarity:.3f}"
+        similarity = "" if hit.similarity is None else format_score(hit.similarity)
         name = f"* {hit.name}" if hit.text_match else hit.name
-        table.add_row(str(rank), str(hit.id), similarity, f"{hit.distance:.4f}", name, hit.description)
+        table.add_row(str(rank), str(hit.id), similarity, format_score(hit.distance, 4), name, hit.description)
     console.print(table)
     if not page.hits:
         console.print("no matches" if page.offset == 0 else "no more matches")

@@ -75,6 +75,12 @@ class SearchPage:
     hybrid: bool = False  # True: fused with full-text search over names and descriptions
 
 
+def format_score(value: float, decimals: int = 3) -> str:
+    """A similarity or distance as people read it: fixed decimals, and 0 where it rounds to 0 (a
+    tiny negative value, e.g. an image's float distance to itself, would print "-0.000")."""
+    return f"{round(value, decimals) + 0.0:.{decimals}f}"
+
+
 def similarity_from_distance(metric: str, distance: float) -> float | None:
     if metric == "cosine":
         return 1.0 - distance

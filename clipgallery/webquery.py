@@ -36,6 +36,7 @@ from clipgallery.search import (
     InvalidQuery,
     SearchPage,
     encode_query_image,
+    format_score,
     search_by_vector,
     search_similar,
     search_text,
@@ -195,15 +196,10 @@ class Results:
     extra: dict = field(default_factory=dict)
 
 
-def _three_decimals(value: float) -> str:
-    # "+ 0.0" turns the -0.0 of a tiny negative similarity into 0.0: no "-0.000" on a badge.
-    return f"{round(value, 3) + 0.0:.3f}"
-
-
 def _score(metric: str, similarity: float | None, distance: float) -> tuple[str, str]:
     if similarity is None:
-        return _three_decimals(distance), f"{metric.upper()} distance (lower is closer)"
-    return _three_decimals(similarity), f"similarity ({metric})"
+        return format_score(distance), f"{metric.upper()} distance (lower is closer)"
+    return format_score(similarity), f"similarity ({metric})"
 
 
 def _results(page: SearchPage, session) -> Results:

@@ -8,6 +8,7 @@ from clipgallery.ingest import ingest_image
 from clipgallery.models import HNSW_INDEX_NAME
 from clipgallery.search import (
     InvalidQuery,
+    format_score,
     search_by_vector,
     search_image_bytes,
     search_similar,
@@ -274,3 +275,12 @@ def test_a_connection_lost_under_a_search_statement_is_replaced(session, setting
         fetch_rows(session, "SELECT 1 AS one")
     session.rollback()
     assert fetch_rows(session, "SELECT pg_backend_pid() AS pid")[0].pid != pid
+
+
+@pytest.mark.parametrize(
+    ("value", "decimals", "shown"),
+    [(-0.0004, 3, "0.000"), (-1.2e-7, 4, "0.0000"), (-0.0006, 3, "-0.001"), (0.31249, 3, "0.312"), (1.0, 4, "1.0000")],
+)
+def test_scores_are_shown_without_a_minus_zero(value, decimals, shown):
+    # An image's float cosine distance to itself can be -1.2e-7: the CLI printed "-0.0000".
+    assert format_score(value, decimals) == shown
