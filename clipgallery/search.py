@@ -1,6 +1,6 @@
 """Similarity search: one distance-ordered SQL statement per query (hybrid text search adds one
-for its keyword side, skipped for a repeated query while the images are unchanged), bound
-parameters, ordered by distance then id.
+for its keyword side), bound parameters, ordered by distance then id. While the images and their
+vectors are unchanged, a repeated query's page is remembered and only the version is read.
 
 Distances are pgvector's: cosine `<=>` (0..2), L2 `<->`, negative inner product `<#>`, L1 `<+>`.
 Similarity is the cosine similarity the distance implies for unit vectors (all stored vectors
@@ -243,44 +243,91 @@ def keyword_ranking_sql(
     )
 
 
-# What the keyword side's ranking depends on besides the query: the images, whose version moves
-# on with every change (migration 0006), and the column statistics that pick the common words
+# What a search's results depend on besides its own statement and parameters: the images and
+# their vectors, whose version moves on with every change (a statement trigger on each table,
+# migrations 0006 and 0007), and the column statistics that pick the keyword side's common words
 # (`WORDS_CTE_SQL`), which ANALYZE renews without changing a row. The version is a sequence, moved
 # on when a writer's statement runs, not when it commits: `settled` says that no transaction held
 # a transaction id once the version had been read (the check reads the version first), so every
-# change it counts was committed before the keyword statement that follows takes its snapshot.
-# Only such a ranking is remembered; any writer in progress (on the whole server, prepared
-# transactions included: their pid is null) means no caching.
+# change it counts was committed before the statements that follow take their snapshots. Only
+# results read so are remembered; any writer in progress (on the whole server, prepared
+# transactions included: their pid is null) means no caching. A version is only comparable within
+# one sequence: `images_origin` tells a database dropped and made again under the same name (from
+# the same template: same objects, same version), or a schema migrated down and up again, apart.
 IMAGES_STATE_COLUMNS = (
     "(SELECT ARRAY[v.last_value, (pg_current_xact_id_if_assigned() IS NULL AND NOT EXISTS ("
     "SELECT FROM pg_locks l WHERE l.locktype = 'transactionid' AND l.pid IS DISTINCT FROM pg_backend_pid() "
     "AND v.last_value IS NOT NULL))::int] FROM images_version v) AS images_version, "
+    "ARRAY[(SELECT d.oid FROM pg_database d WHERE d.datname = current_database()), "
+    "'images_version'::regclass::oid] AS images_origin, "
     "greatest(pg_stat_get_last_analyze_time('images'::regclass), "
     "pg_stat_get_last_autoanalyze_time('images'::regclass)) AS images_analyzed"
 )
-# Keyword rankings of recent unfiltered queries. A repeated text query skips its keyword
-# statement (3-5 ms at 100k-1M images, docs/benchmarks.md) while still seeing every change: the
-# key holds the images' version. The vector side is never cached, only the query's embedding.
+
+
+class RecentResults:
+    """The most recently used results of a kind, by key, within a bound on their number and on
+    their summed length (rows): thread-safe, for the app's threads to share."""
+
+    def __init__(self, max_entries: int, max_rows: int) -> None:
+        self.max_entries = max_entries
+        self.max_rows = max_rows
+        self._entries: OrderedDict[tuple, tuple] = OrderedDict()
+        self._rows = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple, value: Sequence) -> None:
+        value = tuple(value)
+        if len(value) > self.max_rows:
+            return
+        with self._lock:
+            previous = self._entries.pop(key, None)
+            self._rows += len(value) - (len(previous) if previous is not None else 0)
+            self._entries[key] = value
+            while len(self._entries) > self.max_entries or self._rows > self.max_rows:
+                _, evicted = self._entries.popitem(last=False)
+                self._rows -= len(evicted)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._rows = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# Keyword rankings of recent unfiltered queries: a text query whose page is not remembered (a new
+# page of it, or the same words through another model) skips its keyword statement (3-5 ms at
+# 100k-1M images, docs/benchmarks.md) while the images are unchanged.
 KEYWORD_CACHE_SIZE = 1024
-_keyword_cache: OrderedDict[tuple, list[int]] = OrderedDict()
-_keyword_cache_lock = threading.Lock()
+recent_keyword_rankings = RecentResults(KEYWORD_CACHE_SIZE, max_rows=KEYWORD_CACHE_SIZE * 200)
+# Result pages of recent unfiltered searches (text, image and "more like this"), as rows, keyed by
+# everything the statement reads: a repeated query, or paging back, costs one round trip that
+# checks the version instead of the graph walk (5-8 ms at 100k vectors on 2 cores, at the text
+# queries' ef_search 200). Any change to the images or their vectors moves the version on, so new,
+# edited and deleted images show at once, as they would without it.
+PAGE_CACHE_SIZE = 1024
+recent_pages = RecentResults(PAGE_CACHE_SIZE, max_rows=20_000)
 
 
 def _cached_keyword_ranking(session: Session, sql: str, params: dict, key: tuple | None, may_store: bool) -> list[int]:
     """The keyword side's ids, best first: from the cache when `key` (None: no caching) was
     seen, else from the database, remembered if `may_store`."""
     if key is not None:
-        with _keyword_cache_lock:
-            cached = _keyword_cache.get(key)
-            if cached is not None:
-                _keyword_cache.move_to_end(key)
-                return list(cached)
+        cached = recent_keyword_rankings.get(key)
+        if cached is not None:
+            return list(cached)
     ids = list(session.execute(text(sql), params).scalars())
     if key is not None and may_store:
-        with _keyword_cache_lock:
-            _keyword_cache[key] = ids
-            while len(_keyword_cache) > KEYWORD_CACHE_SIZE:
-                _keyword_cache.popitem(last=False)
+        recent_keyword_rankings.put(key, ids)
     return ids
 
 
@@ -391,14 +438,14 @@ def search_vector(
         # A word in tens of thousands of images would make the GIN index list them all; a random
         # sample of about this many is what the keyword side can use anyway (KEYWORD_SCAN_LIMIT).
         configs.append(f"set_config('gin_fuzzy_search_limit', '{GIN_FUZZY_SEARCH_LIMIT}', true) AS gin_limit")
-    # Only an unfiltered keyword side is cached: a filter may read other tables (the uploader's name).
-    cacheable = bool(keywords) and not filter_sql and exclude_image_id is None
+    # Only unfiltered searches are cached: a filter may read other tables (the uploader's name).
+    cacheable = not filter_sql
     columns = [*configs, *([IMAGES_STATE_COLUMNS] if cacheable else [])]
     if uses_index:
         # A bulk run may have dropped the index for its duration (`db.deferred_vector_index`): the
         # same statement then scans every vector, and the page says it is exact.
         columns.append(f"to_regclass('{HNSW_INDEX_NAME}') IS NOT NULL AS vector_index_present")
-    # The two statements of a repeated query go through the driver directly (`db.fetch_rows`).
+    # The search statements go through the driver directly (`db.fetch_rows`).
     if isinstance(model, Embedder):
         state_sql = f"SELECT {', '.join([*columns, MODEL_STATE_COLUMNS])}"
         state = fetch_rows(session, state_sql, model_state_params(model))[0]
@@ -406,21 +453,38 @@ def search_vector(
     else:
         state = fetch_rows(session, f"SELECT {', '.join(columns)}")[0] if columns else None
         params["model_id"] = model
+    version, settled = None, False
+    if cacheable:
+        last_value, settled = state.images_version
+        version = (tuple(state.images_origin), last_value)
     if keywords:
-        key, settled = None, False
-        if cacheable:
-            version, settled = state.images_version
-            key = (
-                session.get_bind().url,
-                version,
-                state.images_analyzed,
-                keywords,
-                depth,
-                settings.hybrid_common_fraction,
-            )
+        key = None
+        if cacheable and exclude_image_id is None:
+            url = session.get_bind().url
+            key = (url, version, state.images_analyzed, keywords, depth, settings.hybrid_common_fraction)
         params["keyword_ids"] = _cached_keyword_ranking(session, keyword_sql, params, key, bool(settled))
-    params["query"] = np.asarray(vector.result() if isinstance(vector, Future) else vector, dtype=np.float32)
-    rows = fetch_rows(session, sql, params)
+    query = np.asarray(vector.result() if isinstance(vector, Future) else vector, dtype=np.float32)
+    params["query"] = query
+    page_key = None
+    if cacheable:
+        # Everything the statement reads besides the tables the version covers. The keyword ids
+        # follow from the words, the version and the statistics.
+        scalars = tuple(sorted((name, value) for name, value in params.items() if name not in ("query", "keyword_ids")))
+        page_key = (
+            session.get_bind().url,
+            version,
+            state.images_analyzed if keywords else None,
+            tuple(configs),
+            uses_index and state.vector_index_present,
+            sql,
+            scalars,
+            query.tobytes(),
+        )
+    rows = recent_pages.get(page_key) if page_key is not None else None
+    if rows is None:
+        rows = fetch_rows(session, sql, params)
+        if page_key is not None and settled:
+            recent_pages.put(page_key, rows)
     hits = [
         SearchHit(
             id=row.id,

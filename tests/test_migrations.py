@@ -27,7 +27,7 @@ def test_upgrade_creates_schema_that_matches_the_models_and_downgrade_removes_it
     assert _tables(settings) == set()
     db.migrate(settings)
     assert _tables(settings) == TABLES
-    assert db.current_revision(settings) == "0006"
+    assert db.current_revision(settings) == "0007"
     # Autogenerate sees no difference between the model classes and the migrated schema.
     command.check(db.alembic_config(settings))
 
