@@ -265,9 +265,10 @@ def driver_sql(sql: str) -> str:
 def fetch_rows(session: Session, sql: str, params: Mapping[str, Any] | None = None) -> list[NamedTuple]:
     """The rows of one statement (`:name` parameters, as for `text()`), run by psycopg itself on
     the session's connection, in its transaction. For the search path: SQLAlchemy's handling of a
-    statement and its result cost about 0.15 ms, and a search sends two (repeated query at 1M
-    vectors 2.40 -> 2.08 ms, docs/benchmarks.md). An error is psycopg's own, not wrapped. Columns
-    are read by name, so each must have a distinct one that is a Python identifier."""
+    statement and its result cost about 0.15 ms, and a search sends two, or one when its page is
+    remembered (a repeated query's SQL at 1M vectors 2.40 -> 2.08 ms, docs/benchmarks.md). An
+    error is psycopg's own, not wrapped. Columns are read by name, so each must have a distinct one
+    that is a Python identifier."""
     from psycopg.rows import namedtuple_row
 
     connection = session.connection()

@@ -300,9 +300,6 @@ class RecentResults:
             self._entries.clear()
             self._rows = 0
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 # Keyword rankings of recent unfiltered queries: a text query whose page is not remembered (a new
 # page of it, or the same words through another model) skips its keyword statement (3-5 ms at
