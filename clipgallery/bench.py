@@ -1359,9 +1359,9 @@ def service_queries(server: Server, sdb: SizeDatabase, embedders: dict, files: l
         # Result pages and keyword rankings are remembered process-wide (`search.recent_pages`,
         # `recent_keyword_rankings`), and variants that make the same vector or share the words
         # would read each other's: a new query starts without any. A repeated one follows its
-        # first run directly. "changed":
-        # repeated, each after a change to the gallery (the version moved on, as any write moves
-        # it): the embedding is cached, the page is read again.
+        # first run directly. "changed": repeated, each after a change to the gallery (the version
+        # moved on, as any write moves it): the embedding is cached, the keyword ranking and the
+        # page are read again.
         for phase in ("text", "repeated", "changed"):
             for key, i in _blocks(list(variants), len(prompts)):
                 embedder, hybrid = variants[key]

@@ -613,11 +613,12 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
             f"{default_ef()} for text queries and {Settings().hnsw_ef_search_image} for image queries, k 20, "
             "model check, join to images; one torch thread per query, "
             "`CLIPGALLERY_QUERY_THREADS=1`; text tower "
-            f"{report.get('text_precision', 'fp32')}), one session, after a warm-up; new queries miss the "
-            "text-embedding cache, repeated ones hit it and, the gallery being unchanged, read their "
-            'remembered page after one round trip that checks its version; "after a change" repeats each '
-            "query after moving the version on (as any write does): its embedding is cached, its page read "
-            "again. Side by side, in rotating blocks of "
+            f"{report.get('text_precision', 'fp32')}), one session, after a warm-up; a new query starts "
+            "with every cache empty (text embedding, keyword ranking, result page); a repeated one follows "
+            "its first run and, the gallery being unchanged, reads its remembered page after one round trip "
+            'that checks the version; "after a change" repeats each query after moving the version on (as '
+            "any write does): its embedding is cached, its keyword ranking and page are read again. Side by "
+            "side, in rotating blocks of "
             f"{QUERY_BLOCK} queries (5 for images): the fp32 "
             "text tower (`CLIPGALLERY_TEXT_PRECISION=fp32`), the fp32 image tower and the "
             f"{report.get('other_image_precision', 'int8')} one, "
