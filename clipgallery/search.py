@@ -400,7 +400,10 @@ def search_vector(
     queries pass `hnsw_ef_search_image`), raised to the page's depth when that is deeper.
 
     With `keywords` (the query's words, see `keyword_query`) the ranking is hybrid: the vector
-    ranking fused with full-text search over names and descriptions (`hybrid_search_sql`)."""
+    ranking fused with full-text search over names and descriptions (`hybrid_search_sql`).
+
+    An unfiltered search's page is remembered (`recent_pages`) and served again, after the one
+    round trip, for as long as the images and their vectors are unchanged (`IMAGES_STATE_COLUMNS`)."""
     metric = metric or settings.index_metric
     _validate(settings, k, offset, metric, min_similarity)
     uses_index = metric == settings.index_metric and not exact
