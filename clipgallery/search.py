@@ -14,7 +14,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -295,6 +295,18 @@ class RecentResults:
                 _, evicted = self._entries.popitem(last=False)
                 self._rows -= len(evicted)
 
+    def get_or_read(self, key: tuple | None, read: Callable[[], Sequence], may_store: bool) -> tuple:
+        """The results remembered under `key` (None: never remembered), else `read()`'s, kept
+        if `may_store` (the version they were read under was settled)."""
+        if key is not None:
+            found = self.get(key)
+            if found is not None:
+                return found
+        value = tuple(read())
+        if key is not None and may_store:
+            self.put(key, value)
+        return value
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
@@ -313,19 +325,6 @@ recent_keyword_rankings = RecentResults(KEYWORD_CACHE_SIZE, max_rows=KEYWORD_CAC
 # edited and deleted images show at once, as they would without it.
 PAGE_CACHE_SIZE = 1024
 recent_pages = RecentResults(PAGE_CACHE_SIZE, max_rows=20_000)
-
-
-def _cached_keyword_ranking(session: Session, sql: str, params: dict, key: tuple | None, may_store: bool) -> list[int]:
-    """The keyword side's ids, best first: from the cache when `key` (None: no caching) was
-    seen, else from the database, remembered if `may_store`."""
-    if key is not None:
-        cached = recent_keyword_rankings.get(key)
-        if cached is not None:
-            return list(cached)
-    ids = list(session.execute(text(sql), params).scalars())
-    if key is not None and may_store:
-        recent_keyword_rankings.put(key, ids)
-    return ids
 
 
 def hybrid_search_sql(
@@ -463,7 +462,10 @@ def search_vector(
         key = None
         if cacheable and exclude_image_id is None:
             key = (version, state.images_analyzed, keywords, depth, settings.hybrid_common_fraction)
-        params["keyword_ids"] = _cached_keyword_ranking(session, keyword_sql, params, key, bool(settled))
+        keyword_ids = recent_keyword_rankings.get_or_read(
+            key, lambda: session.execute(text(keyword_sql), params).scalars().all(), bool(settled)
+        )
+        params["keyword_ids"] = list(keyword_ids)  # bound as an array
     query = np.asarray(vector.result() if isinstance(vector, Future) else vector, dtype=np.float32)
     params["query"] = query
     page_key = None
@@ -480,11 +482,7 @@ def search_vector(
             scalars,
             query.tobytes(),
         )
-    rows = recent_pages.get(page_key) if page_key is not None else None
-    if rows is None:
-        rows = fetch_rows(session, sql, params)
-        if page_key is not None and settled:
-            recent_pages.put(page_key, rows)
+    rows = recent_pages.get_or_read(page_key, lambda: fetch_rows(session, sql, params), bool(settled))
     hits = [
         SearchHit(
             id=row.id,
