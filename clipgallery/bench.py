@@ -1249,7 +1249,9 @@ def sql_search_runs(
     server: Server, sdb: SizeDatabase, queries: np.ndarray, storage: str, ef_values: Sequence[int], exact: bool = False
 ) -> tuple[dict[int, list[list[int]]], dict[int, list[float]]]:
     """For each ef_search: the result ids and the latency of every query, as the app runs it
-    (hnsw.ef_search and iterative_scan = strict_order; the statement of search.search_sql)."""
+    (hnsw.ef_search and iterative_scan = strict_order; the statement of search.search_sql, planned
+    without sorts so that the index is its plan, as the app plans it wherever the planner would
+    otherwise scan: `search.FORCED_INDEX_ORDER_PER_BEAM_STEP`)."""
     import psycopg
     from pgvector.psycopg import register_vector
 
@@ -1259,6 +1261,8 @@ def sql_search_runs(
     with psycopg.connect(server.libpq(sdb.name), autocommit=True) as conn:
         register_vector(conn)
         conn.execute("SET hnsw.iterative_scan = strict_order")
+        if not exact:
+            conn.execute("SET enable_sort = off")
         for ef in ef_values:
             if not exact:
                 conn.execute(f"SET hnsw.ef_search = {int(ef)}")

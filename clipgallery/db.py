@@ -262,20 +262,40 @@ def driver_sql(sql: str) -> str:
     return str(text(sql).compile(dialect=psycopg_dialect()))
 
 
-def fetch_rows(session: Session, sql: str, params: Mapping[str, Any] | None = None) -> list[NamedTuple]:
+def fetch_rows(
+    session: Session,
+    sql: str,
+    params: Mapping[str, Any] | None = None,
+    planner_settings: Mapping[str, str] | None = None,
+) -> list[NamedTuple]:
     """The rows of one statement (`:name` parameters, as for `text()`), run by psycopg itself on
     the session's connection, in its transaction. For the search path: SQLAlchemy's handling of a
     statement and its result cost about 0.15 ms, and a search sends two, or one when its page is
     remembered (a repeated query's SQL at 1M vectors 2.40 -> 2.08 ms, docs/benchmarks.md). An
     error is psycopg's own, not wrapped. Columns are read by name, so each must have a distinct one
-    that is a Python identifier."""
+    that is a Python identifier.
+
+    `planner_settings` (name -> value) are in force for this statement only: set before it and
+    back to their defaults after it, all three in one round trip (a pipeline), so the rest of the
+    caller's transaction is planned as usual."""
+    from psycopg import sql as psycopg_sql
     from psycopg.rows import namedtuple_row
 
     connection = session.connection()
     driver_connection = connection.connection.driver_connection
     try:
         with driver_connection.cursor(row_factory=namedtuple_row) as cursor:
-            cursor.execute(driver_sql(sql), params or {})
+            if not planner_settings:
+                cursor.execute(driver_sql(sql), params or {})
+                return cursor.fetchall()
+            with driver_connection.pipeline():
+                for name, value in planner_settings.items():
+                    driver_connection.execute("SELECT set_config(%s, %s, true)", (name, value))
+                cursor.execute(driver_sql(sql), params or {})
+                for name in planner_settings:
+                    driver_connection.execute(
+                        psycopg_sql.SQL("SET LOCAL {} TO DEFAULT").format(psycopg_sql.Identifier(name))
+                    )
             return cursor.fetchall()
     except Exception:
         # What SQLAlchemy does when its own statement loses the connection (a server restart):

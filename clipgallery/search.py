@@ -40,6 +40,16 @@ from clipgallery.models import HNSW_INDEX_NAME, METRIC_OPERATORS
 MAX_OFFSET = 10_000
 # pgvector's upper bound for hnsw.ef_search.
 MAX_EF_SEARCH = 1000
+# An unfiltered search that means to use the HNSW index, in a gallery of fewer than this many
+# stored vectors per step of its beam (ef_search), is planned without sorts, which leaves the
+# index's ordered scan as its only way to rank. pgvector's cost estimate for that scan grows with
+# the beam (≈ 30 units per step) and hardly with the table, a scan's with the table (≈ 0.35 per
+# 512-d vector, less for fewer dimensions), so the planner scanned and sorted galleries of up to
+# ≈ 85 vectors per step (110 at 384-d): at the text queries' beam of 200, a 10,000-vector gallery
+# took 11-14 ms where the index takes 4-5.5 (AMD Zen 3, docs/scaling.md), while its image queries
+# (beam 40) took the index. Larger galleries get the index by themselves, and skip the two
+# statements that switch sorting off and on again (≈ 0.3 ms).
+FORCED_INDEX_ORDER_PER_BEAM_STEP = 250
 
 
 class InvalidQuery(ValueError):
@@ -444,6 +454,10 @@ def search_vector(
         # A bulk run may have dropped the index for its duration (`db.deferred_vector_index`): the
         # same statement then scans every vector, and the page says it is exact.
         columns.append(f"to_regclass('{HNSW_INDEX_NAME}') IS NOT NULL AS vector_index_present")
+        # The planner's own count (-1 before the table's first ANALYZE).
+        columns.append(
+            "(SELECT c.reltuples FROM pg_class c WHERE c.oid = 'image_embeddings'::regclass) AS stored_vectors"
+        )
     # The search statements go through the driver directly (`db.fetch_rows`).
     if isinstance(model, Embedder):
         state_sql = f"SELECT {', '.join([*columns, MODEL_STATE_COLUMNS])}"
@@ -468,6 +482,11 @@ def search_vector(
         params["keyword_ids"] = list(keyword_ids)  # bound as an array
     query = np.asarray(vector.result() if isinstance(vector, Future) else vector, dtype=np.float32)
     params["query"] = query
+    # Filtered searches keep the planner's choice: a filter that keeps few images is answered
+    # faster, and exactly, by scanning them (FORCED_INDEX_ORDER_PER_BEAM_STEP).
+    planner_settings = None
+    if uses_index and not filter_sql and state.stored_vectors < FORCED_INDEX_ORDER_PER_BEAM_STEP * beam:
+        planner_settings = {"enable_sort": "off"}
     page_key = None
     if cacheable:
         # Everything the statement reads besides the tables the version covers. The keyword ids
@@ -477,12 +496,13 @@ def search_vector(
             version,
             state.images_analyzed if keywords else None,
             tuple(configs),
+            planner_settings is not None,
             uses_index and state.vector_index_present,
             sql,
             scalars,
             query.tobytes(),
         )
-    rows = recent_pages.get_or_read(page_key, lambda: fetch_rows(session, sql, params), bool(settled))
+    rows = recent_pages.get_or_read(page_key, lambda: fetch_rows(session, sql, params, planner_settings), bool(settled))
     hits = [
         SearchHit(
             id=row.id,

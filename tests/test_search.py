@@ -172,9 +172,8 @@ def test_empty_query_is_refused(session, embedder):
 
 def test_the_default_search_uses_the_hnsw_index_on_thousands_of_rows(session, embedder, settings):
     """Several thousand vectors: the HNSW index can serve the statement (EXPLAIN shows its scan).
-    With the test model's 64 dimensions, scanning and sorting 5,000 rows costs so little that the
-    planner rightly prefers it unless told otherwise; with 512-d vectors at 10,000 it takes the
-    index by itself (docs/scaling.md)."""
+    With the test model's 64 dimensions, scanning and sorting 5,000 rows looks cheaper to the
+    planner unless told otherwise, as the search tells it (below)."""
     from clipgallery.gallery import gallery_model_id
 
     model_id = gallery_model_id(session, embedder)
@@ -203,6 +202,43 @@ def test_the_default_search_uses_the_hnsw_index_on_thousands_of_rows(session, em
     exact = search_vector(session, settings, model_id, vectors[0], k=10, exact=True)
     assert page.hits[0].id == ids[0]
     assert len({h.id for h in page.hits} & {h.id for h in exact.hits}) >= 9
+
+
+def _hnsw_scans(session) -> int:
+    """Scans of the HNSW index so far in this transaction (counted as they happen)."""
+    return session.execute(text(f"SELECT pg_stat_get_xact_numscans('{HNSW_INDEX_NAME}'::regclass)")).scalar_one()
+
+
+def test_a_small_gallery_with_the_index_searches_it_at_the_text_beam(session, embedder, settings, monkeypatch):
+    """pgvector's cost estimate for the HNSW scan grows with ef_search, so at the text queries'
+    beam (200) the planner scanned and sorted every vector of a gallery this small (at 512-d, of one
+    up to ≈ 17,000 vectors: 11-14 ms where the index takes 4-5.5 at 10,000). The search plans its
+    statement without sorts, so the index's ordered scan is the plan; only for that statement."""
+    from clipgallery import search as search_module
+    from clipgallery.gallery import gallery_model_id
+
+    model_id = gallery_model_id(session, embedder)
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(1000, 64))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    insert_synthetic_images(session, model_id, vectors, settings=settings)
+    session.execute(text("ANALYZE images; ANALYZE image_embeddings"))
+    assert settings.hnsw_ef_search == 200
+
+    for hybrid in (False, True):
+        before = _hnsw_scans(session)
+        page = search_text(session, embedder, f"item {hybrid}", k=10, hybrid=hybrid)
+        assert not page.exact and len(page.hits) == 10
+        assert _hnsw_scans(session) == before + 1
+        # The rest of the transaction is planned as usual.
+        assert session.execute(text("SHOW enable_sort")).scalar_one() == "on"
+
+    # Left to itself, the planner scans and sorts the same statements (the index is not touched).
+    monkeypatch.setattr(search_module, "FORCED_INDEX_ORDER_PER_BEAM_STEP", 0)
+    before = _hnsw_scans(session)
+    for hybrid in (False, True):
+        assert not search_text(session, embedder, f"another item {hybrid}", k=10, hybrid=hybrid).exact
+    assert _hnsw_scans(session) == before
 
 
 def test_filters_narrow_browsing_and_similarity_search_alike(session, embedder, storage):
@@ -258,6 +294,14 @@ def test_statements_run_through_the_driver_keep_their_parameters_casts_and_trans
         {"number": 41, "word": "cat"},
     )
     assert (row.share, row.next, row.plural, row.same_transaction) == ("50%", 42, "cats", "seen")
+    # Planner settings hold for their statement only, in the same transaction.
+    (row,) = fetch_rows(
+        session,
+        "SELECT current_setting('enable_sort') AS sorting, (SELECT value FROM scratch) AS same_transaction",
+        planner_settings={"enable_sort": "off"},
+    )
+    assert (row.sorting, row.same_transaction) == ("off", "seen")
+    assert session.execute(text("SHOW enable_sort")).scalar_one() == "on"
     session.rollback()
 
 

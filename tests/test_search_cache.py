@@ -30,10 +30,10 @@ def ranking_statements(monkeypatch) -> list[str]:
     sent: list[str] = []
     real_fetch_rows = search.fetch_rows
 
-    def fetch_rows(session, sql, params=None):
+    def fetch_rows(session, sql, params=None, planner_settings=None):
         if sql.startswith(SEARCH_STATEMENT_STARTS):
             sent.append(sql)
-        return real_fetch_rows(session, sql, params)
+        return real_fetch_rows(session, sql, params, planner_settings)
 
     monkeypatch.setattr(search, "fetch_rows", fetch_rows)
     return sent
