@@ -269,13 +269,18 @@ class Embedder:
             tokenizer = open_clip.get_tokenizer(spec.architecture)
             weights_id = "sha256:" + digest.result()
         else:
+            unreachable = unreachable_model_hub() if spec.pretrained_tag else None
             try:
-                model, _, preprocess = open_clip.create_model_and_transforms(
-                    spec.architecture, pretrained=spec.pretrained_tag
-                )
+                with hub_offline() if unreachable else contextlib.nullcontext():
+                    model, _, preprocess = open_clip.create_model_and_transforms(
+                        spec.architecture, pretrained=spec.pretrained_tag
+                    )
             except Exception as exc:
+                reason = first_line(exc)
+                if unreachable:
+                    reason = f"they are not in the local cache, and the model hub cannot be reached: {unreachable}"
                 raise ModelUnavailableError(
-                    f"No CLIP model is available: {spec.source} could not be loaded ({first_line(exc)}). "
+                    f"No CLIP model is available: {spec.source} could not be loaded ({reason}). "
                     "Pretrained weights are downloaded from the model hub on first use, which needs network access. "
                     + _how_to_provide_a_model()
                 ) from exc
@@ -534,6 +539,43 @@ class Embedder:
         done: Future[np.ndarray] = Future()
         done.set_result(self.encode_text(key))
         return done
+
+
+# How long to wait for the model hub to answer before treating it as unreachable.
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def unreachable_model_hub() -> str | None:
+    """Why the Hugging Face hub (or the mirror HF_ENDPOINT names) cannot be reached, or None when
+    it answers (any HTTP status) or huggingface_hub is offline by choice (HF_HUB_OFFLINE). Asked
+    once, with a short timeout, before pretrained weights are looked up: without a network,
+    huggingface_hub retries each request five times with back-off, ≈ 1 minute before a machine
+    that never had the weights learns so, and as long again each time cached weights are loaded."""
+    import httpx
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return None
+    try:
+        httpx.head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)  # proxies from the environment apply
+    except httpx.HTTPError as exc:
+        return f"{constants.ENDPOINT}: {type(exc).__name__}: {exc}"
+    return None
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode inside the block: weights come from its cache at once, or
+    their absence is known at once. (Its mode is read per request from this module attribute; the
+    environment variable is read only when it is imported.)"""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 @contextmanager

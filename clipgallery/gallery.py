@@ -386,6 +386,10 @@ class GalleryStatus:
     vector_index: str = ""
 
 
+class GalleryNotCreated(Exception):
+    """The database answers but holds no gallery (its migrations were never applied)."""
+
+
 def gallery_status(settings: Settings, load_model: bool = False) -> GalleryStatus:
     """Database and model health in words; never raises.
 
@@ -399,11 +403,19 @@ def gallery_status(settings: Settings, load_model: bool = False) -> GalleryStatu
     try:
         engine = db.get_engine(settings)
         info = db.check_server(engine)
+        database_detail = f"PostgreSQL {info.server_version}, pgvector {info.pgvector_version}"
         with Session(engine) as session:
+            if session.execute(text("SELECT to_regclass('images')")).scalar() is None:
+                # A new server or database: what to do, rather than the first query's error.
+                raise GalleryNotCreated(
+                    f"{database_detail}, but no gallery in it yet: `clipgallery db upgrade` creates its tables "
+                    "(`clipgallery serve` does so when it starts)"
+                )
             image_count = count_images(session)
             vector_index = db.describe_vector_index(session, settings)
         database_ok = True
-        database_detail = f"PostgreSQL {info.server_version}, pgvector {info.pgvector_version}"
+    except GalleryNotCreated as exc:
+        database_detail = str(exc)
     except Exception as exc:
         database_detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
 

@@ -99,13 +99,17 @@ def test_too_old_or_missing_pgvector_is_refused_with_a_clear_message():
 def test_a_fresh_database_can_be_used_right_after_migrating_in_the_same_process(empty_settings, tmp_path):
     """Connections opened before the vector extension existed must not serve vector queries."""
     from clipgallery.embedding import Embedder
+    from clipgallery.gallery import gallery_status
     from clipgallery.ingest import ingest_image
     from clipgallery.search import search_text
     from clipgallery.storage import Storage
     from tests.conftest import jpeg
 
     db.check_server(db.get_engine(empty_settings))  # a pooled connection from before the migration
+    before = gallery_status(empty_settings)  # what `clipgallery status` says of it: what to do
+    assert not before.database_ok and "no gallery in it yet: `clipgallery db upgrade`" in before.database_detail
     db.migrate(empty_settings)
+    assert gallery_status(empty_settings).database_ok
     embedder = Embedder(empty_settings)
     with db.session_scope(empty_settings) as session:
         outcome = ingest_image(session, embedder, Storage(tmp_path / "files"), jpeg(1), "a.jpg")

@@ -188,6 +188,25 @@ def test_missing_model_gives_a_clear_message_and_the_status_still_answers(settin
     assert status.database_ok and not status.model_ok and status.image_count == 0
 
 
+def test_an_unreachable_model_hub_is_known_at_once(settings, tmp_path, monkeypatch):
+    """Offline, huggingface_hub retries each request five times with back-off (≈ 1 minute for one
+    model, and as long for weights it has cached): the hub is asked once, and when it does not
+    answer the weights are looked up in the local cache alone."""
+    import huggingface_hub.utils._http as hub_http
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # no weights cached
+    waits: list[float] = []
+    monkeypatch.setattr(hub_http.time, "sleep", waits.append)  # where a retry would wait
+    embedder = Embedder(settings.with_overrides(model_name="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+    with pytest.raises(ModelUnavailableError, match=r"not in the local cache, and the model hub cannot be reached"):
+        embedder.load()
+    assert waits == []
+    assert constants.HF_HUB_OFFLINE is False  # offline for the lookup only
+
+
 def test_another_model_is_refused_until_reembed(settings, session, embedder, storage, other_model_dir, monkeypatch):
     from clipgallery import db
     from clipgallery.models import HNSW_INDEX_NAME
