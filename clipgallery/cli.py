@@ -54,7 +54,8 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         metric=args.metric,
         exact=args.exact,
     )
-    embedder = get_embedder(settings)
+    # One query per process: tracing a tower costs ≈ 2 s and saves ≈ 3 ms per query.
+    embedder = get_embedder(settings.with_overrides(trace_text_tower=False, trace_image_tower=False))
     with db.session_scope(settings) as session:
         if args.image:
             page = search_image_bytes(session, embedder, Path(args.image).read_bytes(), **options)

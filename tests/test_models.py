@@ -188,6 +188,35 @@ def test_missing_model_gives_a_clear_message_and_the_status_still_answers(settin
     assert status.database_ok and not status.model_ok and status.image_count == 0
 
 
+def test_a_loaded_model_holds_its_checkpoint_exactly(settings, tiny_model_dir, tmp_path):
+    """Models are built without their random initialisation (`weights_loaded_after`): every
+    weight and buffer must then come from the file, for a model directory and a checkpoint path
+    alike, and the initialisation works again afterwards (`clipgallery model create` needs it)."""
+    import open_clip
+    import torch
+    from safetensors.torch import load_file
+
+    from clipgallery.embedding import _find_weights
+
+    stored = load_file(str(_find_weights(tiny_model_dir)))
+    fp32 = dict(precision="fp32", text_precision="fp32", trace_text_tower=False, trace_image_tower=False)
+    embedder = Embedder(settings.with_overrides(**fp32))
+    embedder.load()
+    state = embedder._model.state_dict()
+    assert set(state) == set(stored)
+    assert all(torch.equal(state[name], tensor) for name, tensor in stored.items())
+
+    checkpoint = tmp_path / "rn50.pt"
+    model = open_clip.create_model("RN50", pretrained=None)
+    torch.save(model.state_dict(), checkpoint)
+    loaded = Embedder(settings.with_overrides(model_name="RN50", pretrained=str(checkpoint), **fp32))
+    loaded.load()
+    assert all(torch.equal(loaded._model.state_dict()[name], tensor) for name, tensor in model.state_dict().items())
+
+    again = torch.nn.Linear(4, 4)
+    assert again.weight.abs().sum() > 0 and torch.nn.init.normal_(torch.zeros(100)).abs().sum() > 0
+
+
 def test_an_unreachable_model_hub_is_known_at_once(settings, tmp_path, monkeypatch):
     """Offline, huggingface_hub retries each request five times with back-off (≈ 1 minute for one
     model, and as long for weights it has cached): the hub is asked once, and when it does not
