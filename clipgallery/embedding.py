@@ -273,7 +273,13 @@ class Embedder:
         else:
             unreachable = unreachable_model_hub() if spec.pretrained_tag else None
             try:
-                with hub_offline() if unreachable else contextlib.nullcontext(), weights_loaded_after():
+                # open_clip logs a failed download before raising it; the error raised below says
+                # it once, with what to do.
+                with (
+                    hub_offline() if unreachable else contextlib.nullcontext(),
+                    weights_loaded_after(),
+                    without_root_messages("Failed to download weights"),
+                ):
                     model, _, preprocess = open_clip.create_model_and_transforms(
                         spec.architecture, pretrained=spec.pretrained_tag
                     )
@@ -705,17 +711,26 @@ def quiet_package_text_tower_loading() -> Iterator[None]:
     from transformers.utils import logging as hf_logging  # open_clip imports transformers anyway
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    partially = _DropMessages("initialized partially")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.getLogger().addFilter(partially)
     try:
-        yield
+        with without_root_messages("initialized partially"):
+            yield
     finally:
-        logging.getLogger().removeFilter(partially)
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def without_root_messages(fragment: str) -> Iterator[None]:
+    """Records of the root logger (where open_clip logs) containing `fragment` are dropped inside the block."""
+    dropped = _DropMessages(fragment)
+    logging.getLogger().addFilter(dropped)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(dropped)
 
 
 _embedders: dict[Settings, Embedder] = {}
