@@ -63,6 +63,22 @@ def test_index_then_rerun_skips_everything(tmp_path, session, embedder, storage)
     assert (second.indexed, second.updated, second.skipped) == (0, 0, 12)
 
 
+def test_the_model_load_is_timed_apart_from_the_run(tmp_path, settings, session, storage):
+    """A first run in a new process loads the model: counted in the run's time, 100 images
+    embedded at 20 images/s were reported at 4. A run with nothing new leaves the image tower unloaded."""
+    from clipgallery.embedding import Embedder
+
+    _make_folder(tmp_path / "pics", 3)
+    fresh = Embedder(settings)
+    first = index_folder(session, fresh, storage, tmp_path / "pics", recursive=True, progress=False)
+    assert first.indexed == 3 and first.model_load_seconds > 0 and first.seconds > 0
+    assert f"loading the model took {first.model_load_seconds:.1f} s" in "\n".join(first.lines())
+
+    another = Embedder(settings)
+    again = index_folder(session, another, storage, tmp_path / "pics", recursive=True, progress=False)
+    assert again.skipped == 3 and another._image_tower is None
+
+
 def test_non_recursive_index_takes_only_the_top_folder(tmp_path, session, embedder, storage):
     _make_folder(tmp_path / "pics", 9)
     summary = index_folder(session, embedder, storage, tmp_path / "pics", recursive=False, progress=False)
