@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -45,7 +46,9 @@ def _print_page(page, title: str) -> None:
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     from clipgallery import db
     from clipgallery.embedding import get_embedder
+    from clipgallery.gallery import image_files
     from clipgallery.search import search_image_bytes, search_similar, search_text
+    from clipgallery.storage import Storage
 
     options = dict(
         k=settings.default_k if args.k is None else args.k,
@@ -59,16 +62,41 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     with db.session_scope(settings) as session:
         if args.image:
             page = search_image_bytes(session, embedder, Path(args.image).read_bytes(), **options)
-            title = f"images like {args.image}"
+            title, query = f"images like {args.image}", {"image": str(Path(args.image).resolve())}
         elif args.similar is not None:
             page = search_similar(session, embedder, args.similar, **options)
-            title = f"more like image {args.similar}"
+            title, query = f"more like image {args.similar}", {"similar": args.similar}
         elif args.query:
-            page = search_text(session, embedder, " ".join(args.query), hybrid=args.hybrid, **options)
-            title = f"“{' '.join(args.query)}”"
+            words = " ".join(args.query)
+            page = search_text(session, embedder, words, hybrid=args.hybrid, **options)
+            title, query = f"“{words}”", {"text": words}
         else:
             raise SystemExit("error: give search words, --image FILE or --similar ID")
-    _print_page(page, title)
+        if args.format != "table":
+            files = image_files(session, Storage(settings.upload_dir), [hit.id for hit in page.hits])
+    if args.format == "table":
+        _print_page(page, title)
+        return 0
+    if args.format == "paths":
+        for hit in page.hits:
+            print(files[hit.id][0])
+        return 0
+    results = [
+        {
+            "rank": rank,
+            "id": hit.id,
+            "name": hit.name,
+            "description": hit.description,
+            "similarity": hit.similarity,
+            "distance": hit.distance,
+            "score": hit.score,
+            "text_match": hit.text_match,
+            "files": files[hit.id],
+        }
+        for rank, hit in enumerate(page.hits, start=page.offset + 1)
+    ]
+    report = dict(query=query, metric=page.metric, exact=page.exact, hybrid=page.hybrid, has_more=page.has_more)
+    print(json.dumps({**report, "results": results}, ensure_ascii=False, indent=2))
     return 0
 
 
@@ -193,7 +221,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_duplicates(args: argparse.Namespace, settings: Settings) -> int:
-    import json
     import time
 
     from clipgallery import db
@@ -504,6 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="fuse words with full-text search over names and descriptions (default: CLIPGALLERY_HYBRID_SEARCH)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["table", "json", "paths"],
+        default="table",
+        help="json: the results with their files, for scripts; paths: one image file per line, best first "
+        "(where `index` found it, else the gallery's copy), e.g. for an image viewer",
     )
     p.set_defaults(func=cmd_search)
 

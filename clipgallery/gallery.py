@@ -4,6 +4,7 @@ image records (get, list, update, delete) and a status summary for health checks
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -251,6 +252,22 @@ def delete_images(session: Session, storage: Storage, image_ids: list[int]) -> i
 def known_file_paths(session: Session) -> set[str]:
     rows = session.execute(text("SELECT stored_path, thumbnail_path FROM images")).all()
     return {path for row in rows for path in row}
+
+
+def image_files(session: Session, storage: Storage, image_ids: Sequence[int]) -> dict[int, list[str]]:
+    """For each of `image_ids`, its files on disk: where `clipgallery index` found it (absolute
+    paths when indexed, sorted), else — an uploaded image — the gallery's own copy."""
+    rows = session.execute(
+        text(
+            "SELECT i.id, i.stored_path, f.path FROM images i LEFT JOIN indexed_files f ON f.image_id = i.id "
+            "WHERE i.id = ANY(:ids) ORDER BY i.id, f.path"
+        ),
+        {"ids": list(image_ids)},
+    ).all()
+    found: dict[int, list[str]] = {}
+    for image_id, stored_path, source in rows:
+        found.setdefault(image_id, []).append(source if source is not None else str(storage.path(stored_path)))
+    return found
 
 
 def referenced_paths(session: Session, relpaths: list[str]) -> set[str]:

@@ -79,6 +79,24 @@ def test_the_model_load_is_timed_apart_from_the_run(tmp_path, settings, session,
     assert again.skipped == 3 and another._image_tower is None
 
 
+def test_an_images_files_are_where_index_found_it_or_the_gallerys_copy(tmp_path, session, embedder, storage):
+    from clipgallery.gallery import image_files
+    from clipgallery.ingest import ingest_image
+
+    _make_folder(tmp_path / "pics", 1)
+    (tmp_path / "pics" / "copy.jpg").write_bytes(jpeg(500))  # the same picture twice
+    index_folder(session, embedder, storage, tmp_path / "pics", recursive=True, progress=False)
+    indexed_id = session.execute(text("SELECT image_id FROM indexed_files LIMIT 1")).scalar_one()
+    uploaded = ingest_image(session, embedder, storage, jpeg(900), "upload.jpg")
+    stored_path = session.execute(text("SELECT stored_path FROM images WHERE id = :i"), {"i": uploaded.image_id})
+
+    files = image_files(session, storage, [indexed_id, uploaded.image_id])
+    assert files[indexed_id] == sorted(
+        [str(tmp_path / "pics" / "copy.jpg"), str(tmp_path / "pics" / "sub" / "photo_000.jpg")]
+    )
+    assert files[uploaded.image_id] == [str(storage.path(stored_path.scalar_one()))]
+
+
 def test_non_recursive_index_takes_only_the_top_folder(tmp_path, session, embedder, storage):
     _make_folder(tmp_path / "pics", 9)
     summary = index_folder(session, embedder, storage, tmp_path / "pics", recursive=False, progress=False)

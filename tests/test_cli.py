@@ -1,8 +1,10 @@
 """The command line, run as a user runs it: a separate process, configured by environment."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +51,18 @@ def test_index_search_and_status_from_the_command_line(tmp_path, run):
     assert "“a sunny beach”" in found.stdout and "cosine, exact scan" in found.stdout
     assert found.stdout.count("holiday ") == 3
     assert "more results: --offset 3" in found.stdout
+
+    # For scripts: the same results with their files (where `index` found them), or the files alone.
+    as_json = run("search", "a", "sunny", "beach", "-k", "3", "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert report["query"] == {"text": "a sunny beach"} and report["has_more"]
+    assert [r["rank"] for r in report["results"]] == [1, 2, 3]
+    names = [r["name"] for r in report["results"]]
+    assert [r["files"] for r in report["results"]] == [[str(folder / f"{n.replace(' ', '_')}.jpg")] for n in names]
+    paths = run("search", "--similar", str(report["results"][0]["id"]), "-k", "2", "--format", "paths")
+    assert paths.returncode == 0, paths.stderr
+    assert len(paths.stdout.split()) == 2 and all(Path(line).parent == folder for line in paths.stdout.split())
 
     by_image = run("search", "--image", str(folder / "holiday_2.jpg"), "-k", "1", "--exact")
     assert by_image.returncode == 0, by_image.stderr
