@@ -79,7 +79,10 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.format == "paths":
         for hit in page.hits:
-            print(files[hit.id][0])
+            candidates = files.get(hit.id, [])  # none: deleted since the search
+            existing = [path for path in candidates if Path(path).is_file()]
+            if existing or candidates:
+                print((existing or candidates)[0])
         return 0
     results = [
         {
@@ -91,7 +94,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
             "distance": hit.distance,
             "score": hit.score,
             "text_match": hit.text_match,
-            "files": files[hit.id],
+            "files": files.get(hit.id, []),
         }
         for rank, hit in enumerate(page.hits, start=page.offset + 1)
     ]
@@ -537,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["table", "json", "paths"],
         default="table",
         help="json: the results with their files, for scripts; paths: one image file per line, best first "
-        "(where `index` found it, else the gallery's copy), e.g. for an image viewer",
+        "(where `index` found it, else the gallery's own copy), e.g. for an image viewer",
     )
     p.set_defaults(func=cmd_search)
 

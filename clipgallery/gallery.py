@@ -255,8 +255,8 @@ def known_file_paths(session: Session) -> set[str]:
 
 
 def image_files(session: Session, storage: Storage, image_ids: Sequence[int]) -> dict[int, list[str]]:
-    """For each of `image_ids`, its files on disk: where `clipgallery index` found it (absolute
-    paths when indexed, sorted), else — an uploaded image — the gallery's own copy."""
+    """For each of `image_ids` still in the gallery, its files: where `clipgallery index` found it
+    (absolute paths when indexed, sorted; they may have moved since), then the gallery's own copy."""
     rows = session.execute(
         text(
             "SELECT i.id, i.stored_path, f.path FROM images i LEFT JOIN indexed_files f ON f.image_id = i.id "
@@ -266,7 +266,10 @@ def image_files(session: Session, storage: Storage, image_ids: Sequence[int]) ->
     ).all()
     found: dict[int, list[str]] = {}
     for image_id, stored_path, source in rows:
-        found.setdefault(image_id, []).append(source if source is not None else str(storage.path(stored_path)))
+        if image_id not in found:
+            found[image_id] = [str(storage.path(stored_path))]
+        if source is not None:
+            found[image_id].insert(-1, source)
     return found
 
 

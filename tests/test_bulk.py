@@ -90,11 +90,12 @@ def test_an_images_files_are_where_index_found_it_or_the_gallerys_copy(tmp_path,
     uploaded = ingest_image(session, embedder, storage, jpeg(900), "upload.jpg")
     stored_path = session.execute(text("SELECT stored_path FROM images WHERE id = :i"), {"i": uploaded.image_id})
 
-    files = image_files(session, storage, [indexed_id, uploaded.image_id])
-    assert files[indexed_id] == sorted(
-        [str(tmp_path / "pics" / "copy.jpg"), str(tmp_path / "pics" / "sub" / "photo_000.jpg")]
-    )
+    files = image_files(session, storage, [indexed_id, uploaded.image_id, 10**6])
+    found_at = [str(tmp_path / "pics" / "copy.jpg"), str(tmp_path / "pics" / "sub" / "photo_000.jpg")]
+    assert files[indexed_id][:2] == found_at
+    assert len(files[indexed_id]) == 3 and os.path.isfile(files[indexed_id][2])  # then the gallery's copy
     assert files[uploaded.image_id] == [str(storage.path(stored_path.scalar_one()))]
+    assert 10**6 not in files  # no such image (deleted since a search, say)
 
 
 def test_non_recursive_index_takes_only_the_top_folder(tmp_path, session, embedder, storage):

@@ -59,7 +59,7 @@ def test_index_search_and_status_from_the_command_line(tmp_path, run):
     assert report["query"] == {"text": "a sunny beach"} and report["has_more"]
     assert [r["rank"] for r in report["results"]] == [1, 2, 3]
     names = [r["name"] for r in report["results"]]
-    assert [r["files"] for r in report["results"]] == [[str(folder / f"{n.replace(' ', '_')}.jpg")] for n in names]
+    assert [r["files"][0] for r in report["results"]] == [str(folder / f"{n.replace(' ', '_')}.jpg") for n in names]
     paths = run("search", "--similar", str(report["results"][0]["id"]), "-k", "2", "--format", "paths")
     assert paths.returncode == 0, paths.stderr
     assert len(paths.stdout.split()) == 2 and all(Path(line).parent == folder for line in paths.stdout.split())
