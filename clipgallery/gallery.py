@@ -406,10 +406,6 @@ class GalleryStatus:
     vector_index: str = ""
 
 
-class GalleryNotCreated(Exception):
-    """The database answers but holds no gallery (its migrations were never applied)."""
-
-
 def gallery_status(settings: Settings, load_model: bool = False) -> GalleryStatus:
     """Database and model health in words; never raises.
 
@@ -427,15 +423,14 @@ def gallery_status(settings: Settings, load_model: bool = False) -> GalleryStatu
         with Session(engine) as session:
             if session.execute(text("SELECT to_regclass('images')")).scalar() is None:
                 # A new server or database: what to do, rather than the first query's error.
-                raise GalleryNotCreated(
-                    f"{database_detail}, but no gallery in it yet: `clipgallery db upgrade` creates its tables "
+                database_detail += (
+                    ", but no gallery in it yet: `clipgallery db upgrade` creates its tables "
                     "(`clipgallery serve` does so when it starts)"
                 )
-            image_count = count_images(session)
-            vector_index = db.describe_vector_index(session, settings)
-        database_ok = True
-    except GalleryNotCreated as exc:
-        database_detail = str(exc)
+            else:
+                image_count = count_images(session)
+                vector_index = db.describe_vector_index(session, settings)
+                database_ok = True
     except Exception as exc:
         database_detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
 
