@@ -154,7 +154,7 @@ def _checked_trace(tower_name: str, tower, example, checks: list) -> object | No
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
-            # torch's own check traces the tower a second time on the same example (a third of a
+            # torch's own check traces the tower a second time on the same example (a fifth of a
             # model's load time); the checks below run other shapes, which is what can differ.
             traced = torch.jit.trace(tower, example, strict=False, check_trace=False)
             for inputs in checks:
