@@ -15,16 +15,18 @@ from clipgallery.config import ConfigError, Settings, get_settings
 log = logging.getLogger("clipgallery")
 
 
-def _print_page(page, title: str) -> None:
+def _print_page(page, title: str, answered_by: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from clipgallery.search import format_score
+    from clipgallery.results import format_score
 
     console = Console()
     how = "exact scan" if page.exact else "HNSW index"
     if page.hybrid:
         how += " + full-text (hybrid; * = words matched)"
+    if answered_by:
+        how += f" · answered by the app at {answered_by}"
     table = Table(title=f"{title}  ·  {page.metric}, {how}", title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("id", justify="right")
@@ -43,40 +45,64 @@ def _print_page(page, title: str) -> None:
         console.print(f"more results: --offset {page.offset + page.k}")
 
 
-def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+def _search_query(args: argparse.Namespace, settings: Settings):
+    """The search the arguments ask for (an `appclient.Query`), its title, and what the JSON
+    output says it was."""
+    from clipgallery.appclient import Query
+
+    if args.image:
+        image = Path(args.image)
+        return Query(image=image), f"images like {args.image}", {"image": str(image.resolve())}
+    if args.similar is not None:
+        return Query(similar=args.similar), f"more like image {args.similar}", {"similar": args.similar}
+    if args.query:
+        words = " ".join(args.query)
+        hybrid = settings.hybrid_search if args.hybrid is None else args.hybrid
+        return Query(words=words, hybrid=hybrid), f"“{words}”", {"text": words}
+    raise SystemExit("error: give search words, --image FILE or --similar ID")
+
+
+def _search_here(query, settings: Settings, options: dict):
+    """The page of `query` searched in this process: the model is loaded here."""
     from clipgallery import db
     from clipgallery.embedding import get_embedder
-    from clipgallery.gallery import image_files
     from clipgallery.search import search_image_bytes, search_similar, search_text
-    from clipgallery.storage import Storage
 
+    # One query per process: tracing a tower costs ≈ 2 s and saves ≈ 3 ms per query.
+    embedder = get_embedder(settings.with_overrides(trace_text_tower=False, trace_image_tower=False))
+    with db.session_scope(settings) as session:
+        if query.image is not None:
+            return search_image_bytes(session, embedder, query.image.read_bytes(), **options)
+        if query.similar is not None:
+            return search_similar(session, embedder, query.similar, **options)
+        return search_text(session, embedder, query.words, hybrid=query.hybrid, **options)
+
+
+def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery import appclient
+
+    query, title, described = _search_query(args, settings)
     options = dict(
         k=settings.default_k if args.k is None else args.k,
         offset=args.offset,
         min_similarity=args.min_similarity,
         metric=args.metric,
-        exact=args.exact,
     )
-    # One query per process: tracing a tower costs ≈ 2 s and saves ≈ 3 ms per query.
-    embedder = get_embedder(settings.with_overrides(trace_text_tower=False, trace_image_tower=False))
-    with db.session_scope(settings) as session:
-        if args.image:
-            page = search_image_bytes(session, embedder, Path(args.image).read_bytes(), **options)
-            title, query = f"images like {args.image}", {"image": str(Path(args.image).resolve())}
-        elif args.similar is not None:
-            page = search_similar(session, embedder, args.similar, **options)
-            title, query = f"more like image {args.similar}", {"similar": args.similar}
-        elif args.query:
-            words = " ".join(args.query)
-            page = search_text(session, embedder, words, hybrid=args.hybrid, **options)
-            title, query = f"“{words}”", {"text": words}
-        else:
-            raise SystemExit("error: give search words, --image FILE or --similar ID")
-        if args.format != "table":
-            files = image_files(session, Storage(settings.upload_dir), [hit.id for hit in page.hits])
+    # The API has no exact scan; a running app answers everything else without loading a model here.
+    app_url = None if args.local or args.exact else appclient.running_app_url(settings)
+    page = appclient.search(app_url, query, **options) if app_url else None
+    if page is None:
+        app_url = None
+        page = _search_here(query, settings, {**options, "exact": args.exact})
     if args.format == "table":
-        _print_page(page, title)
+        _print_page(page, title, app_url)
         return 0
+    from clipgallery import db
+    from clipgallery.gallery import image_files
+    from clipgallery.storage import Storage
+
+    with db.session_scope(settings) as session:
+        files = image_files(session, Storage(settings.upload_dir), [hit.id for hit in page.hits])
     if args.format == "paths":
         for hit in page.hits:
             candidates = files.get(hit.id, [])  # none: deleted since the search
@@ -98,7 +124,14 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         }
         for rank, hit in enumerate(page.hits, start=page.offset + 1)
     ]
-    report = dict(query=query, metric=page.metric, exact=page.exact, hybrid=page.hybrid, has_more=page.has_more)
+    report = dict(
+        query=described,
+        metric=page.metric,
+        exact=page.exact,
+        hybrid=page.hybrid,
+        has_more=page.has_more,
+        answered_by=app_url or "this process",
+    )
     print(json.dumps({**report, "results": results}, ensure_ascii=False, indent=2))
     return 0
 
@@ -530,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["cosine", "l2", "ip", "l1"], default=None)
     p.add_argument("--exact", action="store_true", help="exact sequential scan instead of the HNSW index")
     p.add_argument(
+        "--local",
+        action="store_true",
+        help="search in this process (loading the model) even when `clipgallery serve` is running for this gallery",
+    )
+    p.add_argument(
         "--hybrid",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -723,7 +761,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the input's or the environment's fault: one line, no traceback.
+    Imported only once one has happened, so that a command starts without loading every module
+    (a search answered by the running app needs few of them)."""
     from clipgallery.auth import PermissionDenied
     from clipgallery.bulk import IndexingError
     from clipgallery.db import DatabaseError
@@ -732,6 +773,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clipgallery.imaging import RejectedImage
     from clipgallery.search import InvalidQuery
 
+    return (
+        ConfigError,
+        DatabaseError,
+        ModelUnavailableError,
+        ModelMismatchError,
+        NotFoundError,
+        InvalidQuery,
+        IndexingError,
+        RejectedImage,
+        FileNotFoundError,
+        IsADirectoryError,
+        ValueError,
+        PermissionDenied,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     psql_args: list[str] = []
     for i in range(len(argv) - 1):
@@ -748,25 +806,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = get_settings()
         return args.func(args, settings)
-    except (
-        ConfigError,
-        DatabaseError,
-        ModelUnavailableError,
-        ModelMismatchError,
-        NotFoundError,
-        InvalidQuery,
-        IndexingError,
-        RejectedImage,
-        FileNotFoundError,
-        IsADirectoryError,
-        ValueError,
-        PermissionDenied,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import text
@@ -36,6 +35,7 @@ from clipgallery.gallery import (
 )
 from clipgallery.imaging import DecodedImage, decode_upload
 from clipgallery.models import HNSW_INDEX_NAME, METRIC_OPERATORS
+from clipgallery.results import SearchHit, SearchPage
 
 MAX_OFFSET = 10_000
 # pgvector's upper bound for hnsw.ef_search.
@@ -54,41 +54,6 @@ FORCED_INDEX_ORDER_PER_BEAM_STEP = 250
 
 class InvalidQuery(ValueError):
     """A search parameter is out of range; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    id: int
-    name: str
-    description: str
-    distance: float
-    similarity: float | None
-    thumbnail_url: str
-    original_url: str
-    width: int
-    height: int
-    mime_type: str
-    # Hybrid search only: the reciprocal-rank-fusion score the page is ordered by, and whether
-    # the name or description matched the query's words.
-    score: float | None = None
-    text_match: bool = False
-
-
-@dataclass(frozen=True)
-class SearchPage:
-    hits: list[SearchHit]
-    metric: str
-    k: int
-    offset: int
-    has_more: bool
-    exact: bool  # True: sequential scan (exact); False: HNSW index (approximate)
-    hybrid: bool = False  # True: fused with full-text search over names and descriptions
-
-
-def format_score(value: float, decimals: int = 3) -> str:
-    """A similarity or distance as people read it: fixed decimals, and 0 where it rounds to 0 (a
-    tiny negative value, e.g. an image's float distance to itself, would print "-0.000")."""
-    return f"{round(value, decimals) + 0.0:.{decimals}f}"
 
 
 def similarity_from_distance(metric: str, distance: float) -> float | None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from clipgallery import db
+from clipgallery.appclient import recorded_app
 from clipgallery.config import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,20 @@ def serve(settings: Settings, port: int = 3000, env: str = "prod") -> int:
     db.dispose_engines()
 
     child = subprocess.Popen(command, cwd=PROJECT_ROOT, env=reflex_env(url, settings), start_new_session=True)
+    # The command line's searches ask this app while it runs (appclient).
+    api_port = port if env == "prod" else port + 1
+    with recorded_app(settings, f"http://127.0.0.1:{api_port}"):
+        returncode, stop_signal = _run_until_stopped(child)
+    if returncode < 0:
+        returncode = 128 - returncode
+    if stop_signal and returncode in (0, 128 + stop_signal, 128 + signal.SIGKILL):
+        return 0
+    return returncode
+
+
+def _run_until_stopped(child: subprocess.Popen) -> tuple[int, int]:
+    """Wait for the app's process, passing SIGINT and SIGTERM on to its group; (its return code,
+    the signal that asked it to stop or 0)."""
     stop_requested_at: float | None = None
     stop_signal = 0
 
@@ -141,9 +156,4 @@ def serve(settings: Settings, port: int = 3000, env: str = "prod") -> int:
                 child.wait()
         # Workers left in the group (e.g. after the reflex process was killed) go too.
         _signal_group(signal.SIGKILL)
-
-    if returncode < 0:
-        returncode = 128 - returncode
-    if stop_signal and returncode in (0, 128 + stop_signal, 128 + signal.SIGKILL):
-        return 0
-    return returncode
+    return returncode, stop_signal

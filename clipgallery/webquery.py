@@ -32,11 +32,10 @@ from clipgallery.gallery import (
 )
 from clipgallery.imaging import RejectedImage, make_thumbnail
 from clipgallery.models import User
+from clipgallery.results import SearchPage, format_score
 from clipgallery.search import (
     InvalidQuery,
-    SearchPage,
     encode_query_image,
-    format_score,
     search_by_vector,
     search_similar,
     search_text,

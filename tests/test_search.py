@@ -6,9 +6,9 @@ from clipgallery.config import ConfigError, load_settings
 from clipgallery.gallery import vector_to_numpy
 from clipgallery.ingest import ingest_image
 from clipgallery.models import HNSW_INDEX_NAME
+from clipgallery.results import format_score
 from clipgallery.search import (
     InvalidQuery,
-    format_score,
     search_by_vector,
     search_image_bytes,
     search_similar,

@@ -13,6 +13,8 @@ import httpx
 import psutil
 import pytest
 
+from clipgallery.appclient import RECORD_FILE, running_app_url
+from clipgallery.config import Settings
 from tests.appserver import STARTUP_TIMEOUT, STOP_TIMEOUT, free_port, kill_all, log_tail, start_serve
 
 pytestmark = pytest.mark.slow
@@ -88,6 +90,8 @@ def test_serve_starts_without_model_and_stops_cleanly(tmp_path: Path) -> None:
         assert body["model"]["detail"].strip(), body
         assert body["images"] == 0, body
         assert not lost.exists() and not record.exists(), "the killed upload's file was not swept at start"
+        # The command line's searches know where to ask (tests/test_appclient.py).
+        assert running_app_url(Settings(state_dir=state_dir)) == base
 
         page = httpx.get(f"{base}/", timeout=10)
         assert page.status_code == 200
@@ -103,6 +107,7 @@ def test_serve_starts_without_model_and_stops_cleanly(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             pytest.fail(f"clipgallery serve did not stop within {STOP_TIMEOUT:.0f} s:\n{log_tail(log_path)}")
         assert returncode == 0, log_tail(log_path)
+        assert not (state_dir / RECORD_FILE).exists(), "the app's record outlived it"
 
         _, left = psutil.wait_procs(tree[1:], timeout=10)
         assert not left, f"processes left behind: {[p.pid for p in left]}"
