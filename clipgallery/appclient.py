@@ -132,6 +132,19 @@ def search(url: str, query: Query, k: int, offset: int, min_similarity: float | 
     return None
 
 
+def model_health(url: str) -> tuple[bool, str] | None:
+    """(ok, detail) of the model as the app at `url` has it loaded, or None if it does not say."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{url}/api/health", timeout=CONNECT_TIMEOUT_SECONDS * 5, trust_env=False)
+        model = response.json()["model"]
+        return bool(model["ok"]), str(model["detail"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        log.info("the app at %s did not report its model (%s)", url, exc)
+        return None
+
+
 def _raise_query_error(response) -> None:
     """Raise the error the API reported if it is about the query itself; else return."""
     from clipgallery.gallery import NotFoundError

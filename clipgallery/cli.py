@@ -245,15 +245,22 @@ def cmd_model(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from clipgallery import appclient
     from clipgallery.gallery import gallery_status
 
-    status = gallery_status(settings, load_model=True)
+    # The running app's model is the one searches use; loading another copy here takes seconds.
+    app_url = None if args.local else appclient.running_app_url(settings)
+    app_model = appclient.model_health(app_url) if app_url else None
+    status = gallery_status(settings, load_model=app_model is None)
+    model_ok, model_detail = app_model or (status.model_ok, status.model_detail)
+    if app_model:
+        model_detail += f" (in the app running at {app_url})"
     print(f"database: {'ok' if status.database_ok else 'FAILED'} — {status.database_detail}")
-    print(f"model:    {'ok' if status.model_ok else 'unavailable'} — {status.model_detail}")
+    print(f"model:    {'ok' if model_ok else 'unavailable'} — {model_detail}")
     print(f"images:   {status.image_count}")
     if status.vector_index:
         print(f"index:    {status.vector_index}")
-    return 0 if status.database_ok and status.model_ok else 1
+    return 0 if status.database_ok and model_ok else 1
 
 
 def cmd_duplicates(args: argparse.Namespace, settings: Settings) -> int:
@@ -692,7 +699,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sweep_files)
 
-    sub.add_parser("status", help="database and model health").set_defaults(func=cmd_status)
+    p = sub.add_parser("status", help="database and model health")
+    p.add_argument(
+        "--local", action="store_true", help="load the model here even when `clipgallery serve` runs for this gallery"
+    )
+    p.set_defaults(func=cmd_status)
     sub.add_parser("config", help="print the settings in force").set_defaults(func=cmd_config)
 
     p = sub.add_parser("duplicates", help="list groups of near-duplicate images (by their vectors)")

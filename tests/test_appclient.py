@@ -1,5 +1,5 @@
-"""`clipgallery search` answered by the running app: the record `serve` leaves, when it is trusted,
-and the same results as a search in the command's own process."""
+"""`clipgallery search` and `status` answered by the running app: the record `serve` leaves, when it
+is trusted, and the same results as a search in the command's own process."""
 
 from __future__ import annotations
 
@@ -93,6 +93,11 @@ def test_search_is_answered_by_the_running_app_without_loading_a_model(app_serve
     assert table.returncode == 0 and f"answered by the app at {url}" in table.stdout
     exact = _json(_run_cli(settings, *words, "--exact"))
     assert exact["answered_by"] == "this process" and exact["exact"]
+
+    # `status` reports the app's model rather than loading one.
+    status = _run_cli(settings, "status", script=WITHOUT_TORCH)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"model:    ok — {gallery.embedder.identity} loaded (in the app running at {url})" in status.stdout
 
     # A query at fault is the same one-line error, still without the model.
     missing = _run_cli(settings, "search", "--similar", "987654", script=WITHOUT_TORCH)
