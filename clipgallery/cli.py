@@ -63,10 +63,12 @@ def _search_query(args: argparse.Namespace, settings: Settings):
 
 
 def _search_here(query, settings: Settings, options: dict):
-    """The page of `query` searched in this process: the model is loaded here."""
+    """The page of `query` searched in this process: the model is loaded here for words or an image."""
     from clipgallery import db
+    from clipgallery.duplicates import stored_model_id
     from clipgallery.embedding import get_embedder
-    from clipgallery.search import search_image_bytes, search_similar, search_text
+    from clipgallery.gallery import NotFoundError
+    from clipgallery.search import search_image_bytes, search_similar_by_model, search_text
 
     # One query per process: tracing a tower costs ≈ 2 s and saves ≈ 3 ms per query.
     embedder = get_embedder(settings.with_overrides(trace_text_tower=False, trace_image_tower=False))
@@ -74,7 +76,11 @@ def _search_here(query, settings: Settings, options: dict):
         if query.image is not None:
             return search_image_bytes(session, embedder, query.image.read_bytes(), **options)
         if query.similar is not None:
-            return search_similar(session, embedder, query.similar, **options)
+            # A stored vector against the others of its model: no model to load.
+            model_id = stored_model_id(session, settings)
+            if model_id is None:
+                raise NotFoundError(f"No image with id {query.similar} has a vector: the gallery holds none.")
+            return search_similar_by_model(session, settings, model_id, query.similar, **options)
         return search_text(session, embedder, query.words, hybrid=query.hybrid, **options)
 
 

@@ -544,15 +544,22 @@ def search_image_bytes(session: Session, embedder: Embedder, data: bytes, **opti
 
 
 def search_similar(session: Session, embedder: Embedder, image_id: int, **options) -> SearchPage:
-    """ "More like this": neighbours of a stored image's own vector, the image itself left out."""
-    model_id = gallery_model_id(session, embedder)
+    """ "More like this": neighbours of a stored image's own vector, the image itself left out,
+    once the configured model is checked against the gallery's vectors."""
+    return search_similar_by_model(session, embedder.settings, gallery_model_id(session, embedder), image_id, **options)
+
+
+def search_similar_by_model(
+    session: Session, settings: Settings, model_id: int, image_id: int, **options
+) -> SearchPage:
+    """`search_similar` among the vectors of model `model_id`: stored vectors against stored
+    vectors need no model loaded (the command line's, with `duplicates.stored_model_id`)."""
     vector = session.execute(
         text("SELECT embedding FROM image_embeddings WHERE image_id = :id AND model_id = :model_id"),
         {"id": image_id, "model_id": model_id},
     ).scalar()
     if vector is None:
         raise NotFoundError(f"No image with id {image_id} has a vector of the configured model.")
-    settings = embedder.settings
     return search_vector(
         session,
         settings,
