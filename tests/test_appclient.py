@@ -108,10 +108,12 @@ def test_search_is_answered_by_the_running_app_without_loading_a_model(app_serve
 
 def test_the_record_names_the_app_only_while_it_runs(tmp_path):
     settings = Settings(state_dir=tmp_path / "state", database_url="postgresql+psycopg://u:secret@db/gallery")
+    same_db = "postgresql+psycopg://u:changed@db/gallery"  # the key leaves the password out
     with recorded_app(settings, "http://127.0.0.1:3000"):
         assert running_app_url(settings) == "http://127.0.0.1:3000"
         record = (settings.state_dir / appclient.RECORD_FILE).read_text()
         assert "secret" not in record  # the database is named by a digest of its URL
+        assert json.loads(record)["database"] == appclient._database_key(replace(settings, database_url=same_db))
         assert running_app_url(replace(settings, database_url="postgresql+psycopg://u:secret@db/other")) is None
         assert running_app_url(replace(settings, database_url=None)) is None
     assert not (settings.state_dir / appclient.RECORD_FILE).exists()
