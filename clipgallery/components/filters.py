@@ -63,13 +63,25 @@ def filter_fields() -> rx.Component:
         labelled(
             "Added from",
             rx.input(
-                id="filter-from", type="date", value=FilterState.f_from, on_change=FilterState.set_f_from, width="100%"
+                id="filter-from",
+                name="filter-from",
+                type="date",
+                value=FilterState.f_from,
+                on_change=FilterState.set_f_from,
+                width="100%",
             ),
             "filter-from",
         ),
         labelled(
             "Added until",
-            rx.input(id="filter-to", type="date", value=FilterState.f_to, on_change=FilterState.set_f_to, width="100%"),
+            rx.input(
+                id="filter-to",
+                name="filter-to",
+                type="date",
+                value=FilterState.f_to,
+                on_change=FilterState.set_f_to,
+                width="100%",
+            ),
             "filter-to",
         ),
         select_field(

@@ -11,6 +11,7 @@ import functools
 import http.server
 import re
 import threading
+from datetime import date, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -350,6 +351,20 @@ def test_options_and_filters_go_into_the_address(page: Page, seeded):
     expect(page).to_have_url(re.compile(rf"k=10.*text={MARKER}"))
     expect(tiles(page)).to_have_count(2)
     expect(page.get_by_test_id("filter-count")).to_have_text("1")
+
+    # A date range: nothing was added from two days ahead on, everything until then (two days: any
+    # time zone's today is before it).
+    later = (date.today() + timedelta(days=2)).isoformat()
+    page.get_by_label("Added from").fill(later)
+    page.get_by_role("button", name="Apply").click()
+    expect(page).to_have_url(re.compile(rf"from={later}"))
+    expect(tiles(page)).to_have_count(0)
+    expect(page.get_by_test_id("filter-count")).to_have_text("2")
+    page.get_by_label("Added from").fill("")
+    page.get_by_label("Added until").fill(later)
+    page.get_by_role("button", name="Apply").click()
+    expect(page).to_have_url(re.compile(rf"to={later}"))
+    expect(tiles(page)).to_have_count(2)
 
 
 # --- browse and the image page --------------------------------------------------------------
