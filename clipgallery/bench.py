@@ -439,7 +439,9 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
     batch = options.batch_size
     work = Path(tempfile.mkdtemp(prefix="clipgallery-bench-ingest-"))
     names = {p: f"{DATABASE_PREFIX}ingest_{p}_{os.getpid()}" for p in precisions}
-    keys = [f"model_{p}" for p in precisions] + ["model_fp32_glibc"]
+    # The seed-style process's model alone (its allocator's cost) is a diagnostic a quick run skips.
+    allocator_diagnostic = options.chroma and not options.quick
+    keys = [f"model_{p}" for p in precisions] + (["model_fp32_glibc"] if allocator_diagnostic else [])
     keys += [f"clipgallery_{p}" for p in precisions] + ["chroma_fp32"]
     results = {key: PipelineResult(key) for key in keys}
     vectors: dict[str, list[np.ndarray]] = {p: [] for p in precisions}
@@ -489,7 +491,8 @@ def run_ingest(options: BenchOptions, server: Server, model_dir: Path, files: li
             ] + [(f"clipgallery_{p}", clipgallery_pipeline(p, e, folder)) for p, e in embedders.items()]
             if seed is not None:
                 steps.append(("chroma_fp32", seed.step("pipeline", chunk, done)))
-                steps.append(("model_fp32_glibc", seed.step("model", chunk, done)))
+                if allocator_diagnostic:
+                    steps.append(("model_fp32_glibc", seed.step("model", chunk, done)))
             for key, run in _rotate(steps, index):
                 gc.collect()
                 # Only the bulk index writes to PostgreSQL. The scan of its processes comes before
@@ -1600,7 +1603,8 @@ def run_bench(options: BenchOptions) -> dict:
         report["text_tower_fidelity"] = text_tower_fidelity(fp32_text, reduced, prompts, base)
 
     report["memory"] = {}
-    for precision in ("auto", "fp32", "int8") if options.memory else ():
+    # Each is a fresh process loading the model (≈ 15 s here); a quick run measures the shipped setting.
+    for precision in (("auto",) if options.quick else ("auto", "fp32", "int8")) if options.memory else ():
         with contextlib.suppress(Exception):
             report["memory"][f"rss_{precision}"] = resident_memory(model_dir, precision)
 
@@ -1668,8 +1672,9 @@ def run_size(options, server, embedders: dict, base, n, model_dir, files, recall
     say(f"size {n:,}: service-level queries")
     result["service"] = service_queries(server, sdb, embedders, files, options.text_queries)
     http_size = max([s for s in options.sizes if s <= 100_000] or [min(options.sizes)])
-    # Graph density at the largest size up to 100k (six builds: not at 1M).
-    if n == max([s for s in options.sizes if s <= 100_000], default=None):
+    # Graph density at the largest size up to 100k (six builds: not at 1M, nor in a quick run, where
+    # they were a quarter of its time).
+    if not options.quick and n == max([s for s in options.sizes if s <= 100_000], default=None):
         say(f"size {n:,}: sensitivity to the mixture's width and to m")
         result["sensitivity"] = sensitivity(server, base, n, min(100, options.queries), default_ef(), say)
     if options.http and n == http_size:
