@@ -38,6 +38,12 @@ def select_field(label: str, field_id: str, value, on_change, items: list[tuple[
     )
 
 
+def date_field(label: str, field_id: str, value, on_change) -> rx.Component:
+    # Named as well: Reflex 0.11 submits form controls by name only.
+    control = rx.input(id=field_id, name=field_id, type="date", value=value, on_change=on_change, width="100%")
+    return labelled(label, control, field_id)
+
+
 def filter_fields() -> rx.Component:
     """The five filter controls in a responsive grid (labelled; values live in FilterState)."""
     return rx.grid(
@@ -60,30 +66,8 @@ def filter_fields() -> rx.Component:
             FilterState.set_f_uploader,
             FilterState.uploader_options,
         ),
-        labelled(
-            "Added from",
-            rx.input(
-                id="filter-from",
-                name="filter-from",
-                type="date",
-                value=FilterState.f_from,
-                on_change=FilterState.set_f_from,
-                width="100%",
-            ),
-            "filter-from",
-        ),
-        labelled(
-            "Added until",
-            rx.input(
-                id="filter-to",
-                name="filter-to",
-                type="date",
-                value=FilterState.f_to,
-                on_change=FilterState.set_f_to,
-                width="100%",
-            ),
-            "filter-to",
-        ),
+        date_field("Added from", "filter-from", FilterState.f_from, FilterState.set_f_from),
+        date_field("Added until", "filter-to", FilterState.f_to, FilterState.set_f_to),
         select_field(
             "Format",
             "filter-format",
