@@ -559,7 +559,7 @@ def search_similar_by_model(
         {"id": image_id, "model_id": model_id},
     ).scalar()
     if vector is None:
-        raise NotFoundError(f"No image with id {image_id} has a vector of the configured model.")
+        raise NotFoundError(f"No image with id {image_id} has a vector of the gallery's model.")
     return search_vector(
         session,
         settings,
