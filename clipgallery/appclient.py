@@ -67,24 +67,16 @@ def recorded_app(settings: Settings, url: str) -> Iterator[None]:
                 record.unlink()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def running_app_url(settings: Settings) -> str | None:
     """The URL of a running app of the gallery `settings` name, or None."""
+    import psutil
+
     try:
         record = json.loads((settings.state_dir / RECORD_FILE).read_text())
         pid, url, database = int(record["pid"]), str(record["url"]), record.get("database")
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if database != _database_key(settings) or not _alive(pid):
+    if database != _database_key(settings) or not psutil.pid_exists(pid):
         return None
     return url
 
