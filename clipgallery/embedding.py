@@ -167,16 +167,76 @@ def _find_weights(model_dir: Path) -> Path | None:
     return None
 
 
+class TowerPasses:
+    """Who runs a forward pass through one tower now. A pass that uses every torch thread (a
+    batch) runs alone; single-threaded query passes run side by side, up to `capacity` (one per
+    core), and a waiting batch pass is let in before any new query pass.
+
+    Side by side because a single-threaded query pass cannot use a second core, and two of them
+    share the tower's weights without copying them: ViT-B-32 int8 text tower, 2 cores (AMD Zen 3),
+    200 new queries one after another 10.3-11.6 ms each, two at a time 5.7-5.9 ms per query, the
+    vectors bit for bit the same (docs/reliability.md). Batching queries into one pass instead would
+    make a query's int8 vector depend on its companions (one activation scale per pass)."""
+
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = capacity
+        self._running = 0  # slots taken: 1 per query pass, the whole capacity for a pass alone
+        self._alone_waiting = 0
+        self._condition = threading.Condition()
+
+    def resize(self, capacity: int) -> None:
+        with self._condition:
+            self.capacity = max(1, capacity)
+            self._condition.notify_all()
+
+    def has_room(self) -> bool:
+        """Whether a query pass would start now (advisory: another thread may take the room first)."""
+        return self._running < self.capacity and not self._alone_waiting
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        """A pass with the tower to itself."""
+        with self._condition:
+            self._alone_waiting += 1
+            try:
+                self._condition.wait_for(lambda: self._running == 0)
+            finally:
+                self._alone_waiting -= 1
+            taken = self._running = self.capacity
+        try:
+            yield
+        finally:
+            self._release(taken)
+
+    @contextmanager
+    def beside_others(self) -> Iterator[None]:
+        """A single-threaded query pass, beside other such passes."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._running < self.capacity and not self._alone_waiting)
+            self._running += 1
+        try:
+            yield
+        finally:
+            self._release(1)
+
+    def _release(self, taken: int) -> None:
+        with self._condition:
+            self._running -= taken
+            self._condition.notify_all()
+
+
 class Embedder:
     """A loaded open_clip model. Use `get_embedder()` for the process-wide instance."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._load_lock = threading.Lock()
-        # One forward pass at a time per tower: torch already uses every core for one batch, and
-        # concurrent passes would only fight over them. The towers share no layers, so a text
-        # query (milliseconds) need not wait behind an image query or an indexing batch.
-        self._tower_locks = {"image": threading.Lock(), "text": threading.Lock()}
+        # A batch's forward pass has its tower to itself: torch already uses every core for it, and
+        # concurrent passes would only fight over them. Single-threaded text queries run side by
+        # side, one per core (`TowerPasses`, sized at load); image queries share one pass instead
+        # (`_encode_query_image`). The towers share no layers, so a text query (milliseconds) need
+        # not wait behind an image query or an indexing batch.
+        self._tower_passes = {"image": TowerPasses(), "text": TowerPasses()}
         self._image_tower_lock = threading.Lock()  # preparing it (`load_image_tower`)
         self._model = None
         self._image_tower = None  # model.visual, or its TorchScript trace (`trace_image_tower`)
@@ -192,7 +252,7 @@ class Embedder:
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache_lock = threading.Lock()
         # Threads start on first use.
-        self._text_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="clipgallery-text")
+        self._text_executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="clipgallery-text")
         self._pass_executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="clipgallery-pass")
 
     # -- loading ------------------------------------------------------------------------------
@@ -243,6 +303,7 @@ class Embedder:
         threads = self.settings.torch_threads or torch.get_num_threads()
         torch.set_num_threads(threads)
         self._threads = threads
+        self._size_text_passes()
         log.info("loading CLIP model: %s", spec.source)
         if spec.model_dir is not None:
             weights = _find_weights(spec.model_dir)
@@ -358,7 +419,8 @@ class Embedder:
         self.load_image_tower()
         other = Embedder(self.settings.with_overrides(**settings_changes))
         other._model, other._image_tower, other._text_tower = self._model, self._image_tower, self._text_tower
-        other._threads = self._threads
+        other._threads = other.settings.torch_threads or self._threads
+        other._size_text_passes()
         other._preprocess, other._tokenizer, other._identity = self._preprocess, self._tokenizer, self._identity
         other._precisions = self._precisions
         if other.settings.trace_text_tower != self.settings.trace_text_tower:
@@ -408,9 +470,13 @@ class Embedder:
         with torch_threads(1):
             return self._preprocess(image)
 
+    def _size_text_passes(self) -> None:
+        query_threads = self.settings.query_threads
+        self._tower_passes["text"].resize(self._threads // query_threads if query_threads > 0 else 1)
+
     @contextmanager
     def _forward_pass(self, tower: str, batch_size: int) -> Iterator[None]:
-        """One forward pass at a time through `tower`; a single query (batch of one) runs on
+        """A forward pass through `tower` (see `TowerPasses`); a single query (batch of one) runs on
         `query_threads` threads. Splitting one short query over both cores gains little on an idle machine and,
         while other work runs, loses 5-10x to threads waiting for each other (docs/benchmarks.md)."""
         import torch
@@ -418,9 +484,11 @@ class Embedder:
         # Set on every pass (see torch_threads), so server threads started before the model was
         # loaded obey the settings too.
         wanted = self._threads
-        if batch_size == 1 and self.settings.query_threads > 0:
+        single_query = batch_size == 1 and self.settings.query_threads > 0
+        if single_query:
             wanted = min(self.settings.query_threads, wanted)
-        with self._tower_locks[tower], torch.inference_mode(), torch_threads(wanted):
+        passes = self._tower_passes[tower]
+        with passes.beside_others() if single_query else passes.alone(), torch.inference_mode(), torch_threads(wanted):
             yield
 
     def encode_preprocessed(self, batch: torch.Tensor) -> np.ndarray:
@@ -536,13 +604,13 @@ class Embedder:
     def submit_text(self, text: str) -> Future[np.ndarray]:
         """`encode_text` as a Future, so the caller can work meanwhile (a search sends the
         statements that do not need the vector). A new query is encoded in a background thread
-        when the text tower is free; a cached one, or any while the tower is busy, is encoded
+        when a text pass could start now; a cached one, or any while the tower is full, is encoded
         here before returning: a query waiting its turn then holds nothing else meanwhile (no
         database connection)."""
         key = text.strip()
         with self._text_cache_lock:
             cached = key in self._text_cache
-        if not cached and not self._tower_locks["text"].locked():
+        if not cached and self._tower_passes["text"].has_room():
             return self._text_executor.submit(self.encode_text, key)
         done: Future[np.ndarray] = Future()
         done.set_result(self.encode_text(key))

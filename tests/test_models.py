@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from clipgallery.embedding import Embedder, ModelUnavailableError, create_random_model_dir
+from clipgallery.embedding import Embedder, ModelUnavailableError, TowerPasses, create_random_model_dir
 from clipgallery.gallery import ModelMismatchError, gallery_status
 from clipgallery.ingest import ingest_image, reembed_images
 from clipgallery.search import search_image_bytes, search_text
@@ -42,13 +42,94 @@ def test_submit_text_encodes_in_the_background_only_when_the_text_tower_is_free(
 
     embedder._text_cache.clear()
     results: list = []
-    with embedder._tower_locks["text"]:
+    with embedder._tower_passes["text"].alone():
         waiting = threading.Thread(target=lambda: results.append(embedder.submit_text("a red balloon")))
         waiting.start()
         waiting.join(timeout=0.5)
         assert waiting.is_alive()  # submit_text itself waits for the tower: nothing queued in the background
     waiting.join(timeout=30)
     assert results[0].done() and results[0].result().shape == expected.shape
+
+
+def test_query_passes_run_side_by_side_up_to_capacity_and_a_batch_pass_runs_alone():
+    """TowerPasses: one query pass per core at once; a batch pass waits for the running ones, and
+    once it waits no new query pass starts before it (so a stream of queries cannot starve it)."""
+    import threading
+
+    passes = TowerPasses(capacity=2)
+    inside: list[str] = []
+    finish_queries = threading.Event()
+
+    def query(name: str, hold: threading.Event | None = None) -> None:
+        with passes.beside_others():
+            inside.append(name)
+            if hold is not None:
+                hold.wait(30)
+
+    def batch() -> None:
+        with passes.alone():
+            inside.append("batch")
+
+    first, second = (threading.Thread(target=query, args=(n, finish_queries)) for n in ("first", "second"))
+    first.start()
+    second.start()
+    _wait_until(lambda: len(inside) == 2)
+    assert sorted(inside) == ["first", "second"] and not passes.has_room()
+    third = threading.Thread(target=query, args=("third",))
+    third.start()
+    time.sleep(0.2)
+    batch_pass = threading.Thread(target=batch)
+    batch_pass.start()
+    time.sleep(0.2)
+    assert len(inside) == 2  # the third query and the batch both wait
+    finish_queries.set()
+    for thread in (first, second, third, batch_pass):
+        thread.join(30)
+    assert inside[2:] == ["batch", "third"] and passes.has_room()
+
+
+def _wait_until(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_text_queries_are_encoded_side_by_side_one_per_core_with_the_same_vectors(embedder, monkeypatch):
+    """Two new text queries at once on two cores each get a single-threaded pass of their own, at
+    the same time, and their vectors are exactly those each gets alone; a batch of texts (all the
+    threads) waits until no query pass runs."""
+    import threading
+
+    two_cores = embedder.sharing_model(torch_threads=2, query_threads=1)
+    queries = ["a red balloon over a field", "a grey cat"]
+    alone = {q: two_cores.encode_texts([q])[0] for q in queries}
+    both_inside = threading.Barrier(2, timeout=30)  # broken if the passes ran one after the other
+    original = two_cores._text_tower
+
+    def tower(tokens):
+        if len(tokens) == 1:
+            both_inside.wait()
+        return original(tokens)
+
+    monkeypatch.setattr(two_cores, "_text_tower", tower)
+    vectors: dict[str, np.ndarray] = {}
+    workers = [threading.Thread(target=lambda q=q: vectors.__setitem__(q, two_cores.encode_text(q))) for q in queries]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert not both_inside.broken
+    assert all(np.array_equal(vectors[q], alone[q]) for q in queries)
+
+    batch: list[np.ndarray] = []
+    with two_cores._tower_passes["text"].beside_others():
+        worker = threading.Thread(target=lambda: batch.append(two_cores.encode_texts(queries)))
+        worker.start()
+        worker.join(0.3)
+        assert worker.is_alive() and not batch  # the batch pass waits for the query pass
+    worker.join(30)
+    assert batch and batch[0].shape == (2, 64)
 
 
 # An image searched for alone against its vector stored from a batch: not exactly 0 where the image
@@ -142,13 +223,13 @@ def test_a_text_query_does_not_wait_for_the_image_tower(embedder, monkeypatch):
         embedder.encode_texts(["a query while the image tower is busy"])
         done.set()
 
-    with embedder._tower_locks["image"]:  # as if an image pass were running
+    with embedder._tower_passes["image"].alone():  # as if an image pass were running
         worker = threading.Thread(target=query)
         worker.start()
         assert done.wait(30), "the text query waited for the image tower"
     worker.join()
     assert threads_in_pass == [embedder.settings.query_threads] == [1]
-    with embedder._tower_locks["text"]:
+    with embedder._tower_passes["text"].alone():
         assert embedder.encode_images([picture(7)]).shape == (1, 64)
 
 
@@ -394,7 +475,7 @@ def test_concurrent_image_queries_share_one_forward_pass(embedder, monkeypatch):
 def _queue_up_while_the_image_tower_is_busy(embedder, workers) -> None:
     """Start `workers` (each one image query) while a pass holds the image tower, let go once all
     of them wait in the queue, and wait for them to finish."""
-    with embedder._tower_locks["image"]:
+    with embedder._tower_passes["image"].alone():
         for worker in workers:
             worker.start()
         deadline = time.monotonic() + 30
