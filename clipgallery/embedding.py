@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ import numpy as np
 
 from clipgallery.allocator import tune_for_tensors
 from clipgallery.config import Settings, get_settings
+from clipgallery.precision_checks import RememberedChecks
 from clipgallery.towers import (
     first_line,
     fused_tensor_conversion,
@@ -246,6 +247,7 @@ class Embedder:
         self._tokenizer = None
         self._identity: ModelIdentity | None = None
         self._precisions = ("fp32", "fp32")  # (image tower, text tower) in force, once loaded
+        self._int8_checks: RememberedChecks | None = None  # set at load
         self._error: ModelUnavailableError | None = None
         self._query_queue: list[tuple[torch.Tensor, Future]] = []
         self._query_queue_lock = threading.Lock()
@@ -358,9 +360,12 @@ class Embedder:
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        self._int8_checks = RememberedChecks.for_model(self.settings.state_dir, weights_id, spec.architecture, config)
         text_precision = resolve_precision(self.settings.text_precision, "text")
         if text_precision == "int8" and self.settings.text_precision == "auto":
-            model, faithful = int8_text_if_faithful(model, tokenizer)
+            model, faithful = self._int8_if_faithful(
+                "text", lambda known: int8_text_if_faithful(model, tokenizer, known)
+            )
             if not faithful:
                 text_precision = "bf16" if native_bf16() else "fp32"
         elif text_precision == "int8":
@@ -401,7 +406,9 @@ class Embedder:
             transformer = isinstance(model.visual, open_clip.transformer.VisionTransformer)
             image_precision = resolve_precision(self.settings.precision, "image", transformer)
             if image_precision == "int8" and self.settings.precision == "auto":
-                model, faithful = int8_if_faithful(model, self._preprocess)
+                model, faithful = self._int8_if_faithful(
+                    "image", lambda known: int8_if_faithful(model, self._preprocess, known)
+                )
                 if not faithful:
                     image_precision = "bf16" if native_bf16() else "fp32"
             elif image_precision == "int8":
@@ -412,6 +419,15 @@ class Embedder:
             self._precisions = (image_precision, self._precisions[1])
             self._image_tower = traced if traced is not None else model.visual
             log.info("image tower ready: %s%s", image_precision, ", traced" if traced is not None else "")
+
+    def _int8_if_faithful(self, tower: str, check: Callable[[float | None], tuple]) -> tuple[object, bool]:
+        """`check(known)` (`int8_if_faithful` or `int8_text_if_faithful`), given the finding of an
+        earlier load's check of this model when one is remembered, else remembering its own."""
+        known = self._int8_checks.closeness(tower) if self._int8_checks is not None else None
+        model, faithful, closeness = check(known)
+        if self._int8_checks is not None and known is None:
+            self._int8_checks.remember(tower, closeness)
+        return model, faithful
 
     def sharing_model(self, **settings_changes) -> Embedder:
         """Another Embedder on this one's loaded model (no second copy in memory) under other

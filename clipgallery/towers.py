@@ -446,15 +446,19 @@ def probe_pictures(count: int = 8, size: int = 256) -> list[PILImage.Image]:
     return pictures
 
 
-def int8_if_faithful(model, preprocess) -> tuple[object, bool]:
-    """(`model` with its image tower in int8, True) if that keeps the tower's vectors of
-    `probe_pictures` within INT8_AUTO_MIN_COSINE of fp32's; else (`model` with the image tower as
-    it was, False), with a warning. For "auto" only: CLIPGALLERY_PRECISION=int8, asked for by
-    name, is applied without this check."""
+def int8_if_faithful(model, preprocess, remembered: float | None = None) -> tuple[object, bool, float]:
+    """(`model` with its image tower in int8, True, closeness) if that keeps the tower's vectors of
+    `probe_pictures` within INT8_AUTO_MIN_COSINE of fp32's (closeness: their least cosine); else
+    (`model` with the image tower as it was, False, closeness), with a warning. For "auto" only:
+    CLIPGALLERY_PRECISION=int8, asked for by name, is applied without this check. `remembered`: the
+    closeness an earlier check of the same model found (`precision_checks`), held against the
+    threshold without checking again."""
     import copy
 
     import torch
 
+    if remembered is not None:
+        return _apply_remembered("image", model, remembered, INT8_AUTO_MIN_COSINE)
     pixels = torch.stack([preprocess(picture) for picture in probe_pictures()])
     with torch.inference_mode():
         reference = torch.nn.functional.normalize(model.visual(pixels).float(), dim=-1)
@@ -466,20 +470,22 @@ def int8_if_faithful(model, preprocess) -> tuple[object, bool]:
     if _int8_verdict("image", closeness, INT8_AUTO_MIN_COSINE):
         del kept
         release_freed_memory()
-        return model, True
+        return model, True, closeness
     model.visual = kept
     release_freed_memory()
-    return model, False
+    return model, False, closeness
 
 
-def int8_text_if_faithful(model, tokenizer) -> tuple[object, bool]:
-    """(`model` with its text tower in int8, True) if that keeps the vectors of `PROBE_QUERIES`
-    within INT8_TEXT_AUTO_MIN_COSINE of fp32's; else (the fp32 model, False). For
-    CLIPGALLERY_TEXT_PRECISION=auto only, like `int8_if_faithful` for the image tower."""
+def int8_text_if_faithful(model, tokenizer, remembered: float | None = None) -> tuple[object, bool, float]:
+    """(`model` with its text tower in int8, True, closeness) if that keeps the vectors of
+    `PROBE_QUERIES` within INT8_TEXT_AUTO_MIN_COSINE of fp32's; else (the fp32 model, False,
+    closeness). For CLIPGALLERY_TEXT_PRECISION=auto only, like `int8_if_faithful` for the image tower."""
     import copy
 
     import torch
 
+    if remembered is not None:
+        return _apply_remembered("text", model, remembered, INT8_TEXT_AUTO_MIN_COSINE)
     tokens = trim_text_padding(model, tokenizer(list(PROBE_QUERIES)))
 
     def vectors(model) -> torch.Tensor:
@@ -498,14 +504,21 @@ def int8_text_if_faithful(model, tokenizer) -> tuple[object, bool]:
     if _int8_verdict("text", closeness, INT8_TEXT_AUTO_MIN_COSINE):
         del kept
         release_freed_memory()
-        return model, True
+        return model, True, closeness
     kept.visual = visual
     del model
     release_freed_memory()
-    return kept, False
+    return kept, False, closeness
 
 
-def _int8_verdict(tower: str, closeness: float, minimum: float) -> bool:
+def _apply_remembered(tower: str, model, closeness: float, minimum: float) -> tuple[object, bool, float]:
+    faithful = _int8_verdict(tower, closeness, minimum, remembered=True)
+    if faithful:
+        model = quantize_int8(model, towers=(tower,))
+    return model, faithful, closeness
+
+
+def _int8_verdict(tower: str, closeness: float, minimum: float, remembered: bool = False) -> bool:
     """Whether an int8 tower whose probe vectors are `closeness` (least cosine) from fp32's is
     kept, logged either way. A refused image tower is a warning (a CLIP image tower normally
     passes); a refused text tower is not: a LiT model's MiniLM tower always ends there."""
@@ -513,16 +526,18 @@ def _int8_verdict(tower: str, closeness: float, minimum: float) -> bool:
         "image": ("pictures", "CLIPGALLERY_PRECISION"),
         "text": ("queries", "CLIPGALLERY_TEXT_PRECISION"),
     }[tower]
+    source = " (found by an earlier load's check of this model)" if remembered else ""
     if closeness >= minimum:
-        log.info("int8 %s tower kept: cosine %.5f to fp32 on probe %s", tower, closeness, probes)
+        log.info("int8 %s tower kept: cosine %.5f to fp32 on probe %s%s", tower, closeness, probes, source)
         return True
     log.log(
         logging.WARNING if tower == "image" else logging.INFO,
-        "the int8 %s tower moved this model's vectors too far (cosine %.4f to fp32 on probe %s, "
+        "the int8 %s tower moved this model's vectors too far (cosine %.4f to fp32 on probe %s%s, "
         "below %.3f): %s=auto keeps it in bf16 or fp32",
         tower,
         closeness,
         probes,
+        source,
         minimum,
         setting,
     )
@@ -539,6 +554,14 @@ def native_bf16() -> bool:
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):
         return False
+
+
+# The CPU features that decide a tower's precision and its int8 kernels.
+CPU_FEATURES = ("avx2", "avx512", "vnni", "avx512_bf16", "amx_tile")
+
+
+def cpu_features() -> list[str]:
+    return [name for name in CPU_FEATURES if _has_cpu_feature(name)]
 
 
 def _has_cpu_feature(name: str) -> bool:

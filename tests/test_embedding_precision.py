@@ -422,6 +422,83 @@ def test_auto_keeps_the_int8_text_tower_only_where_it_stays_close_to_fp32(tiny_m
     assert named._precisions[1] == "int8"
 
 
+def _auto_picks_int8_for_both_towers(monkeypatch) -> None:
+    import clipgallery.embedding as embedding
+
+    monkeypatch.setattr(
+        embedding,
+        "resolve_precision",
+        lambda requested, tower="image", transformer=True: "int8" if requested == "auto" else requested,
+    )
+
+
+REMEMBERED = "found by an earlier load's check of this model"
+
+
+def test_an_int8_check_is_remembered_per_model_code_libraries_and_cpu(
+    tiny_model_dir, other_model_dir, tmp_path, monkeypatch, caplog
+):
+    """The int8 checks' findings (least cosine to fp32) are remembered in the state directory, so
+    the next load of the same weights skips the probe passes and gets the same towers: the same
+    vectors, bit for bit. Another model, a damaged file or a changed threshold is handled as if
+    nothing were remembered, or held against the threshold in force."""
+    import json
+
+    import clipgallery.towers as towers
+    from clipgallery.precision_checks import CHECKS_FILE
+
+    _auto_picks_int8_for_both_towers(monkeypatch)
+    caplog.set_level("INFO", logger="clipgallery.towers")
+    settings = Settings(model_name=str(tiny_model_dir), state_dir=tmp_path / "state")
+    images = [picture(seed, (120, 90)) for seed in range(3)]
+
+    def loaded(settings: Settings) -> tuple[Embedder, str]:
+        caplog.clear()
+        embedder = Embedder(settings)
+        embedder.load_image_tower()
+        return embedder, caplog.text
+
+    first, log_text = loaded(settings)
+    assert first.precisions == ("int8", "int8") and REMEMBERED not in log_text
+    findings = json.loads((tmp_path / "state" / CHECKS_FILE).read_text())
+    assert len(findings) == 2 and all(0.99 < value <= 1.0001 for value in findings.values())
+
+    again, log_text = loaded(settings)
+    assert log_text.count(REMEMBERED) == 2  # both towers: no probe pass this time
+    assert again.precisions == ("int8", "int8")
+    assert np.array_equal(first.encode_images(images), again.encode_images(images))
+    assert np.array_equal(first.encode_texts(TEXTS), again.encode_texts(TEXTS))
+
+    _, log_text = loaded(settings.with_overrides(model_name=str(other_model_dir)))
+    assert REMEMBERED not in log_text  # other weights: checked, and remembered beside the first
+    assert len(json.loads((tmp_path / "state" / CHECKS_FILE).read_text())) == 4
+
+    monkeypatch.setattr(towers, "INT8_AUTO_MIN_COSINE", 1.01)  # the remembered cosine is held against it
+    refused, log_text = loaded(settings)
+    assert refused.precisions[0] == ("bf16" if native_bf16() else "fp32")
+    assert "the int8 image tower moved this model's vectors too far" in log_text and REMEMBERED in log_text
+    monkeypatch.undo()
+
+    _auto_picks_int8_for_both_towers(monkeypatch)
+    (tmp_path / "state" / CHECKS_FILE).write_text("{not json")
+    damaged, log_text = loaded(settings)
+    assert damaged.precisions == ("int8", "int8") and REMEMBERED not in log_text
+    assert len(json.loads((tmp_path / "state" / CHECKS_FILE).read_text())) == 2  # written anew
+
+
+def test_only_content_identified_weights_are_remembered(tmp_path):
+    from clipgallery.precision_checks import RememberedChecks
+
+    assert RememberedChecks.for_model(tmp_path, "laion2b_s34b_b79k", "ViT-B-32", None) is None
+    assert RememberedChecks.for_model(tmp_path, "random", "ViT-B-32", None) is None
+    checks = RememberedChecks.for_model(tmp_path, "sha256:" + "0" * 64, "ViT-B-32", None)
+    assert checks is not None and checks.closeness("image") is None
+    checks.remember("image", 0.9995)
+    assert checks.closeness("image") == 0.9995 and checks.closeness("text") is None
+    other = RememberedChecks.for_model(tmp_path, "sha256:" + "1" * 64, "ViT-B-32", None)
+    assert other.closeness("image") is None
+
+
 def test_probe_pictures_are_fixed_and_varied():
     first, again = probe_pictures(), probe_pictures()
     assert [np.asarray(p).tobytes() for p in first] == [np.asarray(p).tobytes() for p in again]
