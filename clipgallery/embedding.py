@@ -176,8 +176,10 @@ class TowerPasses:
     Side by side because a single-threaded query pass cannot use a second core, and two of them
     share the tower's weights without copying them: ViT-B-32 int8 text tower, 2 cores (AMD Zen 3),
     200 new queries one after another 10.3-11.6 ms each, two at a time 5.7-5.9 ms per query, the
-    vectors bit for bit the same (docs/reliability.md). Batching queries into one pass instead would
-    make a query's int8 vector depend on its companions (one activation scale per pass)."""
+    vectors bit for bit the same (docs/reliability.md); batching text queries into one pass instead
+    would make a query's int8 vector depend on its companions (one activation scale per pass).
+    Image queries waiting together do share a pass (`Embedder._encode_query_image`), and such
+    passes run side by side too."""
 
     def __init__(self, capacity: int = 1) -> None:
         self.capacity = capacity
@@ -233,10 +235,10 @@ class Embedder:
         self.settings = settings
         self._load_lock = threading.Lock()
         # A batch's forward pass has its tower to itself: torch already uses every core for it, and
-        # concurrent passes would only fight over them. Single-threaded text queries run side by
-        # side, one per core (`TowerPasses`, sized at load); image queries share one pass instead
-        # (`_encode_query_image`). The towers share no layers, so a text query (milliseconds) need
-        # not wait behind an image query or an indexing batch.
+        # concurrent passes would only fight over them. Single-threaded query passes run side by
+        # side, one per core (`TowerPasses`, sized at load); image queries waiting together share a
+        # pass (`_encode_query_image`). The towers share no layers, so a text query (milliseconds)
+        # need not wait behind an image query or an indexing batch.
         self._tower_passes = {"image": TowerPasses(), "text": TowerPasses()}
         self._image_tower_lock = threading.Lock()  # preparing it (`load_image_tower`)
         self._model = None
@@ -305,7 +307,7 @@ class Embedder:
         threads = self.settings.torch_threads or torch.get_num_threads()
         torch.set_num_threads(threads)
         self._threads = threads
-        self._size_text_passes()
+        self._size_query_passes()
         log.info("loading CLIP model: %s", spec.source)
         if spec.model_dir is not None:
             weights = _find_weights(spec.model_dir)
@@ -436,7 +438,7 @@ class Embedder:
         other = Embedder(self.settings.with_overrides(**settings_changes))
         other._model, other._image_tower, other._text_tower = self._model, self._image_tower, self._text_tower
         other._threads = other.settings.torch_threads or self._threads
-        other._size_text_passes()
+        other._size_query_passes()
         other._preprocess, other._tokenizer, other._identity = self._preprocess, self._tokenizer, self._identity
         other._precisions = self._precisions
         if other.settings.trace_text_tower != self.settings.trace_text_tower:
@@ -486,9 +488,10 @@ class Embedder:
         with torch_threads(1):
             return self._preprocess(image)
 
-    def _size_text_passes(self) -> None:
+    def _size_query_passes(self) -> None:
         query_threads = self.settings.query_threads
-        self._tower_passes["text"].resize(self._threads // query_threads if query_threads > 0 else 1)
+        for passes in self._tower_passes.values():
+            passes.resize(self._threads // query_threads if query_threads > 0 else 1)
 
     @contextmanager
     def _forward_pass(self, tower: str, batch_size: int) -> Iterator[None]:
@@ -556,10 +559,13 @@ class Embedder:
         return features.cpu().numpy().astype(np.float32, copy=False)
 
     def _encode_query_image(self, pixels: torch.Tensor) -> np.ndarray:
-        """Concurrent image queries are embedded together: whoever gets the image tower takes every
-        query waiting (up to `query_batch`) into one pass. Under load this is what keeps queues short:
-        one pass of 16 images costs about a third of 16 passes of one (bf16 here; docs/benchmarks.md),
-        and an idle server still answers a lone query at once, with no waiting for company."""
+        """Concurrent image queries are embedded together: each query pass (one per core, side by
+        side, `TowerPasses`) takes every query waiting (up to `query_batch`). Under load this is
+        what keeps queues short: one pass of 16 images costs about a third of 16 passes of one
+        (bf16 here; docs/benchmarks.md), and an idle server still answers a lone query at once,
+        with no waiting for company. Side by side, because a query pass runs on one thread: with one
+        pass at a time, 2-4 clients sending image queries got 8.3-8.7 queries/s on 2 cores (AMD Zen
+        3, int8), with one pass per core 15.8-17.3 (docs/reliability.md)."""
         import torch
 
         request: Future = Future()
@@ -571,7 +577,7 @@ class Embedder:
                     taken = self._query_queue[: self.settings.query_batch]
                     del self._query_queue[: len(taken)]
                 if not taken:
-                    continue  # another pass took this query; its result is set
+                    break  # a pass running beside this one took this query: its result follows
                 try:
                     vectors = self._image_pass(torch.stack([p for p, _ in taken]))
                 except Exception as exc:  # every query of the pass gets the error, raised in its thread

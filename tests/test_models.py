@@ -445,6 +445,14 @@ def test_concurrent_image_queries_share_one_forward_pass(embedder, monkeypatch):
         return original(batch)
 
     monkeypatch.setattr(embedder, "_image_pass", counting)
+    entered = []  # query passes entered: a query taken by a pass beside its own waits, it does not retry
+    original_forward_pass = embedder._forward_pass
+
+    def counting_forward_pass(tower: str, batch_size: int):
+        entered.append(tower)
+        return original_forward_pass(tower, batch_size)
+
+    monkeypatch.setattr(embedder, "_forward_pass", counting_forward_pass)
     results: dict[int, np.ndarray] = {}
 
     def query(i: int) -> None:
@@ -452,7 +460,7 @@ def test_concurrent_image_queries_share_one_forward_pass(embedder, monkeypatch):
 
     queries = [threading.Thread(target=query, args=(i,)) for i in range(len(images))]
     _queue_up_while_the_image_tower_is_busy(embedder, queries)
-    assert passes == [len(images)]
+    assert passes == [len(images)] and len(entered) <= len(images)
     together = np.stack([results[i] for i in range(len(images))])
     assert np.min(np.sum(together * alone, axis=1)) >= 0.999
 
@@ -470,6 +478,38 @@ def test_concurrent_image_queries_share_one_forward_pass(embedder, monkeypatch):
 
     _queue_up_while_the_image_tower_is_busy(embedder, [threading.Thread(target=failing_query) for _ in range(3)])
     assert errors == ["out of memory"] * 3 and embedder._query_queue == []
+
+
+def test_image_queries_run_side_by_side_one_pass_per_core(embedder, monkeypatch):
+    """A query pass runs on one thread, so on two cores a second image query gets a pass of its own
+    at the same time instead of waiting for the first; each vector is the one it gets alone."""
+    import threading
+
+    two_cores = embedder.sharing_model(torch_threads=2, query_threads=1)
+    images = [picture(11), picture(12)]
+    alone = [two_cores.encode_images([image])[0] for image in images]
+    first_inside = threading.Event()
+    both_inside = threading.Barrier(2, timeout=10)  # broken if the second pass waited for the first
+    original = two_cores._image_pass
+
+    def image_pass(batch):
+        first_inside.set()
+        both_inside.wait()
+        return original(batch)
+
+    monkeypatch.setattr(two_cores, "_image_pass", image_pass)
+    results: dict[int, np.ndarray] = {}
+    workers = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, two_cores.encode_images([images[i]])[0]))
+        for i in range(2)
+    ]
+    workers[0].start()
+    assert first_inside.wait(30)  # the first query is in its pass before the second arrives
+    workers[1].start()
+    for worker in workers:
+        worker.join(30)
+    assert not both_inside.broken
+    assert all(np.array_equal(results[i], alone[i]) for i in range(2))
 
 
 def _queue_up_while_the_image_tower_is_busy(embedder, workers) -> None:
