@@ -52,8 +52,10 @@ def test_submit_text_encodes_in_the_background_only_when_the_text_tower_is_free(
 
 
 def test_query_passes_run_side_by_side_up_to_capacity_and_a_batch_pass_runs_alone():
-    """TowerPasses: one query pass per core at once; a batch pass waits for the running ones, and
-    once it waits no new query pass starts before it (so a stream of queries cannot starve it)."""
+    """TowerPasses: one query pass per core at once; a batch pass waits until none runs. Between
+    the two kinds the first to wait goes first: a query waiting before the batch goes before it (so
+    back-to-back indexing batches cannot hold image queries back), and a query arriving after the
+    batch waits for it (so overlapping queries cannot starve the batch)."""
     import threading
 
     passes = TowerPasses(capacity=2)
@@ -70,22 +72,27 @@ def test_query_passes_run_side_by_side_up_to_capacity_and_a_batch_pass_runs_alon
         with passes.alone():
             inside.append("batch")
 
+    def waiting(count: int) -> None:
+        _wait_until(lambda: len(passes._waiting["query"]) + len(passes._waiting["alone"]) == count)
+
     first, second = (threading.Thread(target=query, args=(n, finish_queries)) for n in ("first", "second"))
     first.start()
     second.start()
     _wait_until(lambda: len(inside) == 2)
     assert sorted(inside) == ["first", "second"] and not passes.has_room()
-    third = threading.Thread(target=query, args=("third",))
-    third.start()
-    time.sleep(0.2)
-    batch_pass = threading.Thread(target=batch)
-    batch_pass.start()
-    time.sleep(0.2)
-    assert len(inside) == 2  # the third query and the batch both wait
+    later = [
+        threading.Thread(target=query, args=("third",)),
+        threading.Thread(target=batch),
+        threading.Thread(target=query, args=("fourth",)),
+    ]
+    for count, thread in enumerate(later, start=1):
+        thread.start()
+        waiting(count)  # each waits before the next arrives
+    assert len(inside) == 2
     finish_queries.set()
-    for thread in (first, second, third, batch_pass):
+    for thread in (first, second, *later):
         thread.join(30)
-    assert inside[2:] == ["batch", "third"] and passes.has_room()
+    assert inside[2:] == ["third", "batch", "fourth"] and passes.has_room()
 
 
 def _wait_until(condition, seconds: float = 30) -> None:
