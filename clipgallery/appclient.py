@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from clipgallery.config import Settings
+from clipgallery.storage import replace_file_text
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,7 @@ def recorded_app(settings: Settings, url: str) -> Iterator[None]:
     (the record is removed afterwards, and ignored if its process has died)."""
     record = settings.state_dir / RECORD_FILE
     try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        partial = record.with_name(f".{RECORD_FILE}.{os.getpid()}")
-        partial.write_text(json.dumps({"pid": os.getpid(), "url": url, "database": _database_key(settings)}))
-        partial.replace(record)
+        replace_file_text(record, json.dumps({"pid": os.getpid(), "url": url, "database": _database_key(settings)}))
     except OSError as exc:  # the app runs all the same; the command line searches in its own process
         log.warning("could not record the app's address in %s: %s", record, exc)
     try:

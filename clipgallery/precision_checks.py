@@ -15,12 +15,14 @@ are remembered; a pretrained tag, or random weights, is checked at every load.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
-import os
 from importlib import metadata
 from pathlib import Path
+
+from clipgallery.storage import replace_file_text
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +31,18 @@ CHECKS_FILE = "int8-checks.json"
 MAX_FINDINGS = 64
 
 
-def _library_versions() -> dict[str, str]:
+@functools.cache
+def _code_and_libraries() -> str:
+    """What a check depends on that stays the same for the life of the process: the code that
+    converts and probes the towers, and the libraries' versions (read once: 5-15 ms)."""
+    from clipgallery import towers
+
     versions = {}
     for name in ("torch", "open_clip_torch", "transformers"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
-    return versions
+    code = hashlib.sha256(Path(towers.__file__).read_bytes()).hexdigest()
+    return json.dumps({"towers_code": code, "libraries": versions}, sort_keys=True)
 
 
 class RememberedChecks:
@@ -61,8 +69,8 @@ class RememberedChecks:
         context = {
             **self._model,
             "tower": tower,
-            "towers_code": hashlib.sha256(Path(towers.__file__).read_bytes()).hexdigest(),
-            "libraries": _library_versions(),
+            "process": _code_and_libraries(),
+            # Per call: tests stand in other CPUs.
             "engine": towers.int8_engine(tower),
             "cpu": towers.cpu_features(),
         }
@@ -87,12 +95,7 @@ class RememberedChecks:
         findings.pop(key, None)
         findings[key] = closeness
         kept = dict(list(findings.items())[-MAX_FINDINGS:])
-        partial = self.path.with_name(f".{CHECKS_FILE}.{os.getpid()}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(kept, indent=1))
-            partial.replace(self.path)  # a concurrent load's write is replaced whole, never mixed
+            replace_file_text(self.path, json.dumps(kept, indent=1))  # a concurrent load's write is whole too
         except OSError as exc:  # the model works all the same; the next load checks again
             log.info("could not remember the int8 check in %s: %s", self.path, exc)
-            with contextlib.suppress(OSError):
-                partial.unlink()

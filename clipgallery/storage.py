@@ -43,6 +43,20 @@ def thumbnail_relpath(sha256: str, thumbnail_format: str) -> str:
     return str(Path(THUMBS) / _shard(sha256) / f"{sha256}.{THUMBNAIL_EXTENSIONS[thumbnail_format]}")
 
 
+def replace_file_text(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (a small state file): written beside it and
+    renamed over it, so a reader, or another process writing it at the same moment, never sees a
+    mix. Raises OSError; the partial file does not outlive a failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 class Storage:
     def __init__(self, root: Path) -> None:
         self.root = root

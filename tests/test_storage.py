@@ -2,7 +2,7 @@ import stat
 
 import pytest
 
-from clipgallery.storage import Storage, original_relpath
+from clipgallery.storage import Storage, original_relpath, replace_file_text
 
 
 def test_write_makes_missing_folders_and_leaves_no_temporary_files(tmp_path):
@@ -27,3 +27,16 @@ def test_write_refuses_a_name_outside_the_upload_directory(tmp_path):
     with pytest.raises(ValueError, match="outside the upload directory"):
         storage.write("../escaped.jpg", b"x")
     assert not (tmp_path / "escaped.jpg").exists()
+
+
+def test_a_state_file_is_replaced_whole_and_a_failed_write_leaves_nothing(tmp_path):
+    target = tmp_path / "state" / "findings.json"
+    replace_file_text(target, "first")
+    replace_file_text(target, "second")
+    assert target.read_text() == "second"
+    occupied = tmp_path / "occupied"
+    (occupied / "not-empty").mkdir(parents=True)  # a directory cannot be replaced by a file
+    with pytest.raises(OSError):
+        replace_file_text(occupied, "text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied", "state"]  # no partial file left
+    assert [p.name for p in target.parent.iterdir()] == ["findings.json"]
