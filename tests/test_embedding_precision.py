@@ -349,7 +349,8 @@ def test_fused_image_blocks_keep_the_vectors_of_any_activation(vision_extra, fus
     assert float((reference * image).sum(-1).min()) >= 0.999
 
 
-def _auto_picks_int8(monkeypatch) -> None:
+def _auto_picks_int8(monkeypatch, towers: tuple[str, ...] = ("image",)) -> None:
+    """The "auto" setting resolves to int8 for `towers` whatever the CPU (then checked on the model)."""
     import clipgallery.embedding as embedding
 
     real = embedding.resolve_precision
@@ -357,7 +358,7 @@ def _auto_picks_int8(monkeypatch) -> None:
         embedding,
         "resolve_precision",
         lambda requested, tower="image", transformer=True: (
-            "int8" if requested == "auto" and tower == "image" else real(requested, tower, transformer)
+            "int8" if requested == "auto" and tower in towers else real(requested, tower, transformer)
         ),
     )
 
@@ -422,16 +423,6 @@ def test_auto_keeps_the_int8_text_tower_only_where_it_stays_close_to_fp32(tiny_m
     assert named._precisions[1] == "int8"
 
 
-def _auto_picks_int8_for_both_towers(monkeypatch) -> None:
-    import clipgallery.embedding as embedding
-
-    monkeypatch.setattr(
-        embedding,
-        "resolve_precision",
-        lambda requested, tower="image", transformer=True: "int8" if requested == "auto" else requested,
-    )
-
-
 REMEMBERED = "found by an earlier load's check of this model"
 
 
@@ -447,7 +438,7 @@ def test_an_int8_check_is_remembered_per_model_code_libraries_and_cpu(
     import clipgallery.towers as towers
     from clipgallery.precision_checks import CHECKS_FILE
 
-    _auto_picks_int8_for_both_towers(monkeypatch)
+    _auto_picks_int8(monkeypatch, ("image", "text"))
     caplog.set_level("INFO", logger="clipgallery.towers")
     settings = Settings(model_name=str(tiny_model_dir), state_dir=tmp_path / "state")
     images = [picture(seed, (120, 90)) for seed in range(3)]
@@ -479,7 +470,7 @@ def test_an_int8_check_is_remembered_per_model_code_libraries_and_cpu(
     assert "the int8 image tower moved this model's vectors too far" in log_text and REMEMBERED in log_text
     monkeypatch.undo()
 
-    _auto_picks_int8_for_both_towers(monkeypatch)
+    _auto_picks_int8(monkeypatch, ("image", "text"))
     (tmp_path / "state" / CHECKS_FILE).write_text("{not json")
     damaged, log_text = loaded(settings)
     assert damaged.precisions == ("int8", "int8") and REMEMBERED not in log_text

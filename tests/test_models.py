@@ -525,8 +525,6 @@ def _queue_up_while_the_image_tower_is_busy(embedder, workers) -> None:
     with embedder._tower_passes["image"].alone():
         for worker in workers:
             worker.start()
-        deadline = time.monotonic() + 30
-        while len(embedder._query_queue) < len(workers) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_until(lambda: len(embedder._query_queue) == len(workers))
     for worker in workers:
         worker.join(30)
