@@ -58,8 +58,9 @@ RUN pip install --no-deps -e . \
 
 USER clipgallery
 # Build the frontend once now: this installs its npm packages (pinned by reflex.lock/) into
-# .web/node_modules, so a container never needs the npm registry. `reflex run --env prod`
-# still recompiles the pages and re-runs the (now warm) production build at every start.
+# .web/node_modules, so a container never needs the npm registry. `clipgallery serve` recompiles
+# the pages at every start; a new container runs the (now warm) production build once, and its
+# restarts skip it while nothing changed (clipgallery/frontend_build.py).
 RUN reflex export --frontend-only --no-zip --loglevel info
 
 EXPOSE 3000

@@ -1,8 +1,9 @@
 """Run the web app: database first, then the Reflex production server on one port.
 
-`reflex run --env prod` compiles the pages, builds the frontend with npm (Node.js >= 22.22) and
-serves the static frontend, the `/_event` websocket, `/_upload` and the FastAPI routes under
-`/api` from a single process on one port. This module prepares its environment: the database
+`reflex run --env prod` compiles the pages, builds the frontend with npm (Node.js >= 22.22; not
+again while its sources are unchanged: `frontend_build`) and serves the static frontend, the
+`/_event` websocket, `/_upload` and the FastAPI routes under `/api` from a single process on one
+port. This module prepares its environment: the database
 URL (starting the embedded PostgreSQL server when none is configured), the schema, and a PATH
 on which `node` is the project's own Node.js 22 (see `make install`).
 """
@@ -67,12 +68,14 @@ def reflex_env(database_url: str, settings: Settings | None = None) -> dict[str,
 
 
 def reflex_command(port: int, env: str = "prod") -> list[str]:
-    """The `reflex run` command line; prod serves frontend and backend on `port` alone."""
+    """The `reflex run` command line; prod serves frontend and backend on `port` alone, and does
+    not rebuild a frontend whose sources are those of its last build (`frontend_build`)."""
     if env not in ENVS:
         raise ValueError(f"env must be one of {', '.join(ENVS)}, got {env!r}")
-    command = [sys.executable, "-m", "reflex", "run", "--env", env]
     if env == "prod":
+        command = [sys.executable, "-m", "clipgallery.frontend_build", "run", "--env", env]
         return [*command, "--single-port", "--frontend-port", str(port), "--backend-port", str(port)]
+    command = [sys.executable, "-m", "reflex", "run", "--env", env]
     # Development: Vite's dev server on `port`, the Python backend on the next one.
     return [*command, "--frontend-port", str(port), "--backend-port", str(port + 1)]
 
