@@ -586,7 +586,14 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> Path:
                     "node (m) reach more of them, and so does a wider candidate search while building "
                     "(ef_construction). "
                     "The real (random-weight) embeddings themselves span ≈ 2 effective dimensions (participation "
-                    "ratio of their covariance), the noise all 512.",
+                    "ratio of their covariance), the noise all 512."
+                    + (
+                        f" Measured by an earlier run ({r['sensitivity_measured_at']}) on this machine, data and "
+                        "server, and reused: its six index builds depend on those, not on the app's code "
+                        "(`--rebuild` measures it again)."
+                        if r.get("sensitivity_measured_at")
+                        else ""
+                    ),
                     "",
                     *_table(
                         ["σ (× base)", "m", "ef_construction", "recall@10", "build s", "index size"],

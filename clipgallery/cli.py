@@ -696,7 +696,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recall-query-column", help="the column of --recall-queries with the queries (default: query, text)"
     )
-    p.add_argument("--rebuild", action="store_true", help="rebuild the kept large databases under .state/bench")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="rebuild the kept large databases and measure the kept sensitivity study again (.state/bench)",
+    )
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurement")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)

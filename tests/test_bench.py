@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from clipgallery.bench import BenchOptions, run_bench, size_database_name
+from clipgallery.bench import BenchOptions, remembered_sensitivity, run_bench, sensitivity_configs, size_database_name
 from clipgallery.bench_report import write_report
 from clipgallery.cli import build_parser
 from clipgallery.embedding import ModelIdentity
@@ -89,6 +89,11 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     assert "CPU ms/image: process + PostgreSQL" in text
     size = data["sizes"]["2000"]
     assert set(size["curves"]) == {"vector", "halfvec"}
+    # The graph-settings study ran, and was kept for the next run on this machine, data and server.
+    assert len(size["sensitivity"]) == len(sensitivity_configs()) and size["sensitivity_measured_at"] is None
+    assert "### Sensitivity" in text and "Measured by an earlier run" not in text
+    (kept,) = options.state_dir.glob("sensitivity-*.json")
+    assert json.loads(kept.read_text())["rows"] == size["sensitivity"]
     assert size["exact_sql"]["recall"] == 1.0 and size["numpy"]["recall"] == 1.0
     # The recall curves' text queries are the given file's; the image queries' beam is judged.
     assert size["queries_text"] == 3 and f"the queries of `{recall_queries}`" in text
@@ -120,6 +125,33 @@ def test_bench_writes_the_report(pg_server, tiny_model_dir, tmp_path):
     # Throwaway databases are gone (small sizes are not kept).
     names = pg_server.psql("SELECT datname FROM pg_database WHERE datname LIKE 'bench_%';")
     assert "bench_" not in names.replace("datname", "")
+
+
+def test_the_sensitivity_study_is_measured_once_per_identity(tmp_path):
+    """Six index builds per run (33 minutes on a slow machine) for figures that depend only on the
+    data, the graph settings, the machine and the server: measured once, then read back."""
+    measured = []
+
+    def measure(recall=0.9):
+        measured.append(recall)
+        return [{"m": 48, "recall": recall}]
+
+    rows, when = remembered_sensitivity(tmp_path, "abc", measure)
+    assert rows == [{"m": 48, "recall": 0.9}] and when is None and len(measured) == 1
+    rows, when = remembered_sensitivity(tmp_path, "abc", measure)
+    assert rows == [{"m": 48, "recall": 0.9}] and when and len(measured) == 1
+    # Another machine, data set or server: measured for itself.
+    remembered_sensitivity(tmp_path, "def", lambda: measure(0.8))
+    assert len(measured) == 2
+    # --rebuild measures again and keeps the new figures.
+    rows, when = remembered_sensitivity(tmp_path, "abc", lambda: measure(0.95), rebuild=True)
+    assert rows == [{"m": 48, "recall": 0.95}] and when is None
+    assert remembered_sensitivity(tmp_path, "abc", measure)[0] == rows
+    # A damaged file is measured again, not an error.
+    (tmp_path / "sensitivity-abc.json").write_text("{not json")
+    rows, when = remembered_sensitivity(tmp_path, "abc", measure)
+    assert when is None and len(measured) == 4
+    assert remembered_sensitivity(tmp_path, "abc", measure)[1] is not None
 
 
 def test_kept_databases_are_one_per_size_and_model():
