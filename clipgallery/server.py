@@ -3,9 +3,9 @@
 `reflex run --env prod` compiles the pages, builds the frontend with npm (Node.js >= 22.22; not
 again while its sources are unchanged: `frontend_build`) and serves the static frontend, the
 `/_event` websocket, `/_upload` and the FastAPI routes under `/api` from a single process on one
-port. This module prepares its environment: the database
-URL (starting the embedded PostgreSQL server when none is configured), the schema, and a PATH
-on which `node` is the project's own Node.js 22 (see `make install`).
+port. This module prepares its environment: the database URL (starting the embedded PostgreSQL
+server when none is configured), the schema, and a PATH on which `node` is the project's own
+Node.js 22 (see `make install`).
 """
 
 from __future__ import annotations

@@ -222,12 +222,14 @@ def test_the_api_route(gallery):
     with httpx.Client(base_url=gallery.base_url, timeout=60) as client:
         assert client.get("/api/admin/duplicates").status_code == 401
         assert client.get("/api/admin/duplicates", params={"max_distance": 2}, headers=headers).status_code == 422
-        response = client.get("/api/admin/duplicates", params={"max_distance": 0.001}, headers=headers)
+        # NEAR, as everywhere here: a tighter 0.001 failed once in a few hundred random pictures
+        # (the int8 image tower's copies reach 0.00101; unrelated pictures start at 0.0087).
+        response = client.get("/api/admin/duplicates", params={"max_distance": NEAR}, headers=headers)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["max_distance"] == 0.001 and body["min_similarity"] == pytest.approx(0.999)
+    assert body["max_distance"] == NEAR and body["min_similarity"] == pytest.approx(1 - NEAR)
     (group,) = [g for g in body["groups"] if original in {i["id"] for i in g["images"]}]
     assert [(i["id"], i["keep"]) for i in group["images"]] == [(original, True), (copy, False)]
-    assert group["keep"] == original and group["similarity"] >= 0.999
+    assert group["keep"] == original and group["similarity"] >= 1 - NEAR
     assert group["images"][1]["page_url"] == f"/image/{copy}"
     assert group["images"][1]["thumbnail_url"].startswith("/files/")
