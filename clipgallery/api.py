@@ -523,7 +523,9 @@ def remove_image(image_id: int, caller: Annotated[tuple, Depends(admin)]) -> Non
 class DuplicateImageOut(BaseModel):
     id: int
     name: str
-    distance: float = Field(description="cosine distance to the closest other image of the group")
+    distance: float = Field(
+        description="cosine distance to the group's keeper (for the keeper itself: to its closest copy)"
+    )
     similarity: float
     width: int
     height: int
@@ -537,9 +539,9 @@ class DuplicateImageOut(BaseModel):
 
 
 class DuplicateGroupOut(BaseModel):
-    distance: float = Field(description="largest cosine distance linking the group")
-    similarity: float
-    closest_distance: float
+    distance: float = Field(description="cosine distance of the group's farthest image from the keeper")
+    similarity: float = Field(description="1 - distance: every image is at least this similar to the keeper")
+    closest_distance: float = Field(description="cosine distance of the keeper's closest copy")
     keep: int
     images: list[DuplicateImageOut]
 

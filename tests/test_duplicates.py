@@ -12,12 +12,15 @@ import re
 import uuid
 
 import httpx
+import numpy as np
 import pytest
 from PIL import ImageEnhance
 from sqlalchemy import text
 
 from clipgallery import cli
 from clipgallery.duplicates import (
+    DuplicateImage,
+    _groups_around_keepers,
     find_close_pairs,
     find_near_duplicate_groups,
     pairs_sql,
@@ -85,6 +88,62 @@ def test_near_copies_group_with_their_original_and_unrelated_images_do_not(setti
             assert image.thumbnail_url.startswith("/files/thumbs/") and image.original_url.startswith("/files/")
 
 
+def _image(image_id: int, pixels: int = 100) -> DuplicateImage:
+    return DuplicateImage(image_id, f"image {image_id}", "", "", pixels, 1, 1000, "image/png", None, 0.0, 1.0)
+
+
+def _at_angle(degrees: float) -> np.ndarray:
+    """A unit vector at `degrees` from the first axis, in the plane of the first two."""
+    vector = np.zeros(8, dtype=np.float32)
+    vector[0], vector[1] = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return vector
+
+
+def test_every_image_of_a_group_is_a_near_copy_of_its_keeper():
+    """Links chain: A~B and B~C linked A, B and C into one group although A and C are far apart, and
+    "keep suggested, delete others" would have deleted C as a copy of A. A keeper's group holds only
+    the images within the threshold of the keeper; the others form groups of their own."""
+    threshold = 1 - np.cos(np.radians(10))  # images within 10 degrees of each other are near copies
+    # A chain, 6 degrees a step: each image is a near copy of the next, not of the one after it.
+    vectors = {i: _at_angle(6 * (i - 1)) for i in range(1, 6)}
+    images = {i: _image(i, pixels=1000 if i == 3 else 100) for i in vectors}  # 3: most pixels
+    groups = _groups_around_keepers(list(vectors), images, vectors, 1, threshold)
+    # 3 keeps its neighbours 2 and 4; then 1 (oldest id of the rest) and 5 are 24 degrees apart.
+    assert [[image.id for image in g.images] for g in groups] == [[3, 2, 4]]
+    (group,) = groups
+    six = 1 - np.cos(np.radians(6))
+    assert group.keep_id == 3 and sorted(i for _, i, _ in group.pairs) == [2, 4]
+    assert all(k == 3 and d == pytest.approx(six, abs=1e-6) for k, _, d in group.pairs)
+    assert group.distance == pytest.approx(six, abs=1e-6)
+    assert [image.similarity for image in group.images] == pytest.approx([np.cos(np.radians(6))] * 3, abs=1e-6)
+
+    # Random clusters: whatever the links, each group is its keeper's copies and no image is in two.
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 8))
+    points = np.repeat(centres, 5, axis=0) + rng.normal(scale=0.15, size=(100, 8))
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    vectors = {i: points[i].astype(np.float32) for i in range(100)}
+    images = {i: _image(i, pixels=int(rng.integers(1, 1000))) for i in vectors}
+    groups = _groups_around_keepers(list(vectors), images, vectors, 1, 0.05)
+    seen = [image.id for g in groups for image in g.images]
+    assert len(seen) == len(set(seen)) and groups
+    for g in groups:
+        keeper = vectors[g.keep_id]
+        assert all(1 - float(vectors[image.id] @ keeper) <= 0.05 + 1e-6 for image in g.images)
+        assert g.keep_id == min(g.ids, key=lambda i: (-images[i].pixels, i))
+
+
+def test_deleting_copies_keeps_the_rest_of_the_group():
+    vectors = {i: _at_angle(2 * i) for i in range(1, 5)}
+    images = {i: _image(i, pixels=1000 if i == 1 else 100) for i in vectors}
+    (group,) = _groups_around_keepers(list(vectors), images, vectors, 1, 0.01)
+    assert group.ids == [1, 2, 3, 4]
+    # Copies deleted: the keeper keeps the others, measured as before (no database needed).
+    (smaller,) = without_images(None, [group], [4])
+    assert smaller.ids == [1, 2, 3] and smaller.distance == pytest.approx(1 - np.cos(np.radians(4)), abs=1e-6)
+    assert without_images(None, [group], [2, 3, 4]) == []
+
+
 def test_the_threshold_decides(settings, session, family):
     # The brightened copy is the farthest of the near copies (~0.0013); the others are ~0.0001 apart.
     tight = _groups(session, settings, 0.0006)
@@ -109,9 +168,9 @@ def test_the_threshold_decides(settings, session, family):
 def test_deleting_rebuilds_the_groups_without_a_new_scan(settings, session, storage, family):
     groups = _groups(session, settings)
     assert delete_images(session, storage, [family["original"], family["second copy"]]) == 2
-    rebuilt = without_images(groups, [family["original"], family["second copy"]])
-    # The pair lost a member and is gone; the four became three, with a new suggested keeper
-    # (most pixels among the rest, then the oldest: the re-compressed copy).
+    rebuilt = without_images(session, groups, [family["original"], family["second copy"]])
+    # The pair lost a member and is gone; the four lost their keeper and are cut again around a new
+    # one (most pixels among the rest, then the oldest: the re-compressed copy).
     assert [_names(g) for g in rebuilt] == [{"small", "recompressed", "brighter"}]
     assert rebuilt[0].keep_id == family["recompressed"]
     assert [[i.id for i in g.images] for g in rebuilt] == [[i.id for i in g.images] for g in _groups(session, settings)]

@@ -105,6 +105,11 @@ def _scan(max_distance: float, progress: ScanProgress) -> list[duplicates.Duplic
         )
 
 
+def _without_images(found: list[duplicates.DuplicateGroup], image_ids: list[int]) -> list[duplicates.DuplicateGroup]:
+    with db.session_scope(get_settings()) as session:
+        return duplicates.without_images(session, found, image_ids)
+
+
 def _parse_similarity(raw: object) -> float:
     try:
         value = float(str(raw).strip())
@@ -225,7 +230,7 @@ class DuplicatesState(DeleteImagesMixin, AdminState):
         return DuplicatesState.scan if again else None
 
     async def _after_delete(self, image_ids: list[int]) -> None:
-        self._show(duplicates.without_images(self._found, image_ids))
+        self._show(await asyncio.to_thread(_without_images, self._found, image_ids))
 
 
 # --- page ------------------------------------------------------------------------------------------

@@ -43,12 +43,13 @@ def test_a_near_copy_is_grouped_with_its_original_and_deleted(page: Page, contex
     expect(page).to_have_url(re.compile(r"/admin/duplicates/?$"))
     expect(page.get_by_role("heading", name="Near-duplicates")).to_be_visible()
 
-    # The page scans at the configured threshold when it opens; then a strict one
-    # (the test model has random weights: unrelated pictures are close too).
+    # The page scans at the configured threshold when it opens; then a strict one (the test model
+    # has random weights: unrelated pictures are close too, from 0.9913; its int8 copies of random
+    # pictures reach 0.99899, so 0.999 failed about once in 300 pictures).
     expect(page.get_by_test_id("duplicates-summary")).to_contain_text("similarity ≥ 0.950", timeout=30_000)
-    page.get_by_label("Minimum similarity").fill("0.999")
+    page.get_by_label("Minimum similarity").fill("0.995")
     page.get_by_test_id("find-duplicates").click()
-    expect(page.get_by_test_id("duplicates-summary")).to_contain_text("similarity ≥ 0.999", timeout=30_000)
+    expect(page.get_by_test_id("duplicates-summary")).to_contain_text("similarity ≥ 0.995", timeout=30_000)
     group = page.get_by_test_id("duplicate-group").filter(has_text=f"Original {tag}")
     expect(group).to_have_count(1)
     expect(group).to_contain_text(f"Smaller copy {tag}")
