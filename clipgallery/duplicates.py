@@ -394,19 +394,35 @@ def _groups_around_keepers(
     vectors: dict[int, np.ndarray],
     model_id: int,
     max_distance: float,
+    links: dict[int, set[int]] | None = None,
 ) -> list[DuplicateGroup]:
     """`members` (linked images) cut into groups of near copies of a keeper: the best image to
     keep takes every other within `max_distance` of itself, then the best of the rest, and so on
-    (an image alone forms no group). Distances are exact, from the vectors."""
-    remaining = sorted((i for i in members if i in images and i in vectors), key=lambda i: _keeper_key(images[i]))
+    (an image alone forms no group). Distances are exact, from the vectors. A keeper's copies are
+    looked for among the images linked to it directly or through one other (`links`; None: among
+    all `members`): that finds a set of copies larger than each image's compared neighbours whole,
+    while the work stays linear in the images where a loose threshold links a whole gallery."""
+    order = sorted((i for i in members if i in images and i in vectors), key=lambda i: _keeper_key(images[i]))
+    unassigned = set(order)
     groups = []
-    while len(remaining) >= 2:
-        keeper, others = remaining[0], remaining[1:]
-        distances = 1.0 - np.stack([vectors[i] for i in others]) @ vectors[keeper]
-        copies = {i: max(0.0, float(d)) for i, d in zip(others, distances, strict=True) if d <= max_distance}
+    for keeper in order:
+        if keeper not in unassigned:
+            continue
+        unassigned.discard(keeper)
+        if links is None:
+            reach = unassigned
+        else:
+            reach = set(links.get(keeper, ()))
+            for linked in list(reach):
+                reach |= links.get(linked, set())
+        candidates = sorted(i for i in reach if i in unassigned)
+        if not candidates:
+            continue
+        distances = 1.0 - np.stack([vectors[i] for i in candidates]) @ vectors[keeper]
+        copies = {i: max(0.0, float(d)) for i, d in zip(candidates, distances, strict=True) if d <= max_distance}
         if copies:
+            unassigned -= copies.keys()
             groups.append(_group(keeper, copies, images, model_id, max_distance))
-        remaining = [i for i in others if i not in copies]
     return groups
 
 
@@ -486,10 +502,17 @@ def groups_from_pairs(
     components = _components(pairs)
     ids = {i for members in components for i in members}
     images, vectors = _images(session, ids), _unit_vectors(session, model_id, ids)
-    groups = [
-        g for members in components for g in _groups_around_keepers(members, images, vectors, model_id, max_distance)
-    ]
-    return _sort(groups)
+    links: dict[int, set[int]] = {}
+    for a, b in pairs:
+        links.setdefault(a, set()).add(b)
+        links.setdefault(b, set()).add(a)
+    return _sort(
+        [
+            group
+            for members in components
+            for group in _groups_around_keepers(members, images, vectors, model_id, max_distance, links)
+        ]
+    )
 
 
 def without_images(session: Session, groups: list[DuplicateGroup], removed: Iterable[int]) -> list[DuplicateGroup]:

@@ -133,6 +133,25 @@ def test_every_image_of_a_group_is_a_near_copy_of_its_keeper():
         assert g.keep_id == min(g.ids, key=lambda i: (-images[i].pixels, i))
 
 
+def test_more_copies_than_compared_neighbours_form_one_group():
+    """25 copies of one picture, each linked only to its 10 nearest (as the scan compares them): the
+    keeper finds the others through the copies it is linked to."""
+    rng = np.random.default_rng(1)
+    points = np.ones((25, 8)) + rng.normal(scale=0.01, size=(25, 8))
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    vectors = {i: points[i].astype(np.float32) for i in range(25)}
+    images = {i: _image(i, pixels=1000 if i == 7 else 100) for i in vectors}
+    links: dict[int, set[int]] = {}
+    for i in vectors:
+        nearest = np.argsort(1 - points @ points[i])[1:11]
+        for j in nearest:
+            links.setdefault(i, set()).add(int(j))
+            links.setdefault(int(j), set()).add(i)
+    assert max(len(linked) for linked in links.values()) < 24
+    (group,) = _groups_around_keepers(list(vectors), images, vectors, 1, 0.01, links)
+    assert group.keep_id == 7 and sorted(group.ids) == list(range(25))
+
+
 def test_deleting_copies_keeps_the_rest_of_the_group():
     vectors = {i: _at_angle(2 * i) for i in range(1, 5)}
     images = {i: _image(i, pixels=1000 if i == 1 else 100) for i in vectors}
