@@ -4,7 +4,7 @@ Reflex compiles the pages into the web directory (`.web`, or REFLEX_WEB_WORKDIR)
 the production build (`npm run export`: vite) on every start, even when the compiled sources are
 the ones of the last build: 16 of the 25 s from `clipgallery serve` to a page being served here
 (AMD EPYC, 2 cores). `clipgallery serve` runs Reflex through this module, which skips that
-build when everything it reads is unchanged and the last build's output is complete.
+build when everything it reads is unchanged and the last build's output is still there.
 
 What the build reads, and so what the digest covers: every file of the web directory but the
 build's output (and the route types it generates first), the installed packages (`node_modules`:
@@ -19,7 +19,6 @@ interrupted build is redone.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -31,16 +30,13 @@ from pathlib import Path
 from clipgallery.config import PROJECT_ROOT
 from clipgallery.storage import replace_file_text
 
-log = logging.getLogger(__name__)
-
 BUILD_DIR = "build"  # reflex_base.constants.Dirs.BUILD_DIR
 # What the build writes (its output; react-router's route types, which it generates first) and
 # what a start rewrites without the build reading it.
 NOT_INPUTS = frozenset({BUILD_DIR, ".react-router", "node_modules", "reflex.json"})
 DIGEST_FILE = ".clipgallery-sources.sha256"  # inside the build directory: removed with it
 ENV_PREFIXES = ("VITE_", "NODE_", "REFLEX_")
-# A build that ran to its end left this page (copied from the app shell after vite finished).
-BUILT_MARKER = Path("client") / "404.html"
+STATIC_DIR = Path(BUILD_DIR) / "client"  # reflex_base.constants.Dirs.STATIC: what the app serves
 
 
 def _node_identity(environ: Mapping[str, str]) -> str:
@@ -92,7 +88,7 @@ def is_current(web_dir: Path, digest: str) -> bool:
         recorded = (build / DIGEST_FILE).read_text().strip()
     except OSError:
         return False
-    return recorded == digest and (build / BUILT_MARKER).is_file()
+    return recorded == digest and (web_dir / STATIC_DIR).is_dir()
 
 
 def cached_build(build: Callable[[], None], web_dir: Path, environ: Mapping[str, str]) -> Callable[[], None]:
@@ -101,7 +97,6 @@ def cached_build(build: Callable[[], None], web_dir: Path, environ: Mapping[str,
     def build_unless_current() -> None:
         digest = sources_digest(web_dir, environ)
         if is_current(web_dir, digest):
-            log.info("frontend unchanged since its last build: serving that build")
             print("Frontend unchanged since its last build: not rebuilt.", flush=True)
             return
         (web_dir / BUILD_DIR / DIGEST_FILE).unlink(missing_ok=True)
