@@ -27,10 +27,10 @@ one below `vector_index_min_vectors`, compares its vectors exactly in matrix pro
    `hnsw.ef_search` is set (transaction-local) to a bounded value ≥ neighbours + 1 and the
    iterative scan is switched off, so each inner search costs one bounded graph walk.
    The outer rows go in id-ordered chunks: one statement per chunk, progress between them.
-2. The pairs found are joined in Python with a union-find into sets of linked images, and
-   each set is cut into groups around keepers (`_groups_around_keepers`): the set's best image to
-   keep (most pixels, then the oldest) takes every image of the set within the threshold of
-   itself, measured exactly from the two vectors; the best of the rest does the same, and so on.
+2. The images the pairs link are cut into groups around keepers (`_groups_around_keepers`): the
+   best image to keep (most pixels, then the oldest) takes every image linked to it, directly or
+   through one other, that lies within the threshold of itself, measured exactly from the two
+   vectors; the best of the rest does the same, and so on.
    So every image of a group is a near copy of the group's suggested keeper, and deleting "all but
    the keeper" deletes only those. Linking alone (single linkage: A~B and B~C put A, B and C
    together even when A and C are far apart) chained whole galleries into one group: 971 of 1,000
@@ -38,7 +38,8 @@ one below `vector_index_min_vectors`, compares its vectors exactly in matrix pro
    real one.
 
 Complexity: n index searches of cost ~O(ef_search · log n) each, so O(n log n) for the gallery,
-plus O(p α(p)) for the p pairs found (p ≤ n · neighbours, in practice a few per near copy).
+plus, for the p pairs found (p ≤ n · neighbours, in practice a few per near copy), one exact
+comparison of each keeper with the images within two links of it.
 Measured on this 2-core machine: see docs/operations.md ("Near-duplicates").
 
 Distances here are **cosine distances** (1 − similarity) whatever the index metric: the
@@ -361,27 +362,6 @@ def find_near_duplicate_groups(
 # --- pairs to groups ---------------------------------------------------------------------------
 
 
-def _components(pairs: dict[tuple[int, int], float]) -> list[list[int]]:
-    """The sets of images the pairs link, directly or through others (union-find)."""
-    parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[rb] = ra
-    members: dict[int, list[int]] = {}
-    for x in parent:
-        members.setdefault(find(x), []).append(x)
-    return [sorted(ids) for ids in members.values()]
-
-
 def _keeper_key(image: DuplicateImage) -> tuple:
     # Most pixels first; then the oldest (the likely original); then the lowest id.
     created = image.created_at.timestamp() if image.created_at else float("inf")
@@ -396,7 +376,7 @@ def _groups_around_keepers(
     max_distance: float,
     links: dict[int, set[int]] | None = None,
 ) -> list[DuplicateGroup]:
-    """`members` (linked images) cut into groups of near copies of a keeper: the best image to
+    """`members` cut into groups of near copies of a keeper: the best image to
     keep takes every other within `max_distance` of itself, then the best of the rest, and so on
     (an image alone forms no group). Distances are exact, from the vectors. A keeper's copies are
     looked for among the images linked to it directly or through one other (`links`; None: among
@@ -499,20 +479,13 @@ def groups_from_pairs(
 ) -> list[DuplicateGroup]:
     """Close pairs {(id, id): cosine distance} → groups of near copies of a keeper, with their
     image details, tightest first."""
-    components = _components(pairs)
-    ids = {i for members in components for i in members}
-    images, vectors = _images(session, ids), _unit_vectors(session, model_id, ids)
     links: dict[int, set[int]] = {}
     for a, b in pairs:
         links.setdefault(a, set()).add(b)
         links.setdefault(b, set()).add(a)
-    return _sort(
-        [
-            group
-            for members in components
-            for group in _groups_around_keepers(members, images, vectors, model_id, max_distance, links)
-        ]
-    )
+    # A keeper reaches only images linked to it, so no group spans two sets of linked images.
+    images, vectors = _images(session, links), _unit_vectors(session, model_id, links)
+    return _sort(_groups_around_keepers(links, images, vectors, model_id, max_distance, links))
 
 
 def without_images(session: Session, groups: list[DuplicateGroup], removed: Iterable[int]) -> list[DuplicateGroup]:
